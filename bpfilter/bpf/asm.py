@@ -40,7 +40,7 @@ class Label:
 
 @dataclass(frozen=True)
 class Origin:
-    """Where a block of code comes from: a rule, a chain's policy, or a fixed part of the program."""
+    """Where a block of code comes from: a rule, a chain's policy or a fixed part of the program."""
 
     text: str
     chain: str | None = None
@@ -137,6 +137,7 @@ class Assembler:
     def __init__(self) -> None:
         self._items: list[tuple[object, Origin | None, list[str]]] = []
         self._placed: set[int] = set()
+        self._used: set[int] = set()
         self._origin: Origin | None = None
         self._pending_comments: list[str] = []
 
@@ -203,15 +204,28 @@ class Assembler:
         """if dst <op> src goto target; `wide=True` compares the low 32 bits (JMP32)."""
         if op in (JmpOp.CALL, JmpOp.EXIT, JmpOp.JCOND):
             raise AsmError(f"{op.name} is not a conditional branch")
+        # Encode once now so that a bad operand is reported here, not at assemble().
+        (I.jmp32 if wide else I.jmp)(op, dst, src_or_imm, 0, reg=reg)
+        self._used.add(target.uid)
         self._add(_Branch(op, dst, src_or_imm, reg, wide, target))
 
     def goto(self, target: Label) -> None:
         """Unconditional branch."""
+        self._used.add(target.uid)
         self._add(_Branch(JmpOp.JA, 0, 0, False, False, target))
 
     def call(self, target: Label) -> None:
         """bpf-to-bpf call of the subprogram starting at `target`."""
+        self._used.add(target.uid)
         self._add(_Call(target))
+
+    def referenced(self, label: Label) -> bool:
+        """True once some branch or call targets `label`."""
+        return label.uid in self._used
+
+    def __len__(self) -> int:
+        """Instruction slots emitted so far (far branches counted short)."""
+        return sum(self._size(item) for item, _, _ in self._items)
 
     def ld_map(self, dst: int, key: Hashable) -> None:
         """dst = pointer to map `key` (its fd is filled in at load)."""
@@ -233,8 +247,49 @@ class Assembler:
             return 2
         return 1
 
-    def assemble(self) -> Program:
-        """Resolve labels and branch sizes; return the finished program."""
+    def _prune(self, items: list) -> list:
+        """Drop instructions no path reaches (the verifier refuses unreachable code).
+
+        Paths start at the entry and at every subprogram; a raw jump instruction (an offset
+        rather than a label) makes the analysis impossible, so then nothing is dropped.
+        """
+        where: dict[int, int] = {}
+        for n, (item, _, _) in enumerate(items):
+            if isinstance(item, _Place):
+                where[item.label.uid] = n
+            elif isinstance(item, Insn) and I.is_jump(item):
+                return items
+        live = [False] * len(items)
+        todo = [0] + [where[it.target.uid] for it, _, _ in items if isinstance(it, _Call)]
+        while todo:
+            n = todo.pop()
+            while n < len(items) and not live[n]:
+                live[n] = True
+                item = items[n][0]
+                if isinstance(item, _Branch):
+                    todo.append(where[item.target.uid])
+                    if item.op == JmpOp.JA:
+                        break
+                elif isinstance(item, _Call):
+                    todo.append(where[item.target.uid])
+                elif isinstance(item, Insn) and item.opcode == I.JMP | JmpOp.EXIT:
+                    break
+                n += 1
+        out = []
+        for n, entry in enumerate(items):
+            if live[n] or isinstance(entry[0], _Place):
+                out.append(entry)
+            elif entry[2] and n + 1 < len(items):
+                # Keep the comments of a dropped instruction for whatever follows.
+                nxt = items[n + 1]
+                items[n + 1] = (nxt[0], nxt[1], [*entry[2], *nxt[2]])
+        return out
+
+    def assemble(self, *, prune: bool = True) -> Program:
+        """Resolve labels and branch sizes; return the finished program.
+
+        With `prune`, unreachable instructions are dropped first.
+        """
         items = self._items
         if self._pending_comments:
             raise AsmError(f"comment {self._pending_comments[0]!r} is followed by no instruction")
@@ -242,6 +297,8 @@ class Assembler:
             target = getattr(item, "target", None)
             if target is not None and target.uid not in self._placed:
                 raise AsmError(f"label {target.name!r} is used but never placed")
+        if prune:
+            items = self._prune(items)
         while True:
             pos: dict[int, int] = {}
             addr: list[int] = []

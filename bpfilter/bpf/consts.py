@@ -199,6 +199,13 @@ class NfVerdict(IntEnum):
     ACCEPT = 1
 
 
+class CgroupSkbVerdict(IntEnum):
+    """cgroup_skb program return codes (bit 0: let the packet through)."""
+
+    DROP = 0
+    ALLOW = 1
+
+
 class NfProto(IntEnum):
     """Netfilter protocol families (netfilter link `pf`)."""
 
@@ -258,7 +265,7 @@ HELPER_NAMES: tuple[str, ...] = tuple("""
     ringbuf_discard_dynptr dynptr_read dynptr_write dynptr_data tcp_raw_gen_syncookie_ipv4
     tcp_raw_gen_syncookie_ipv6 tcp_raw_check_syncookie_ipv4 tcp_raw_check_syncookie_ipv6
     ktime_get_tai_ns user_ringbuf_drain cgrp_storage_get cgrp_storage_delete
-""".split())
+""".split())  # noqa: SIM905 (a 212-item list literal reads worse)
 
 
 class Helper(IntEnum):

@@ -10,22 +10,27 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 from . import insn as I
-from .consts import helper_name
-from .insn import Insn, Pseudo
+from .consts import HELPER_NAMES
+from .insn import AluOp, Atomic, Insn, JmpOp, Pseudo
 
 _ALU = {
-    0x00: "+=", 0x10: "-=", 0x20: "*=", 0x30: "/=", 0x40: "|=", 0x50: "&=", 0x60: "<<=",
-    0x70: ">>=", 0x80: "neg", 0x90: "%=", 0xA0: "^=", 0xB0: "=", 0xC0: "s>>=", 0xD0: "endian",
+    AluOp.ADD: "+=", AluOp.SUB: "-=", AluOp.MUL: "*=", AluOp.DIV: "/=", AluOp.OR: "|=",
+    AluOp.AND: "&=", AluOp.LSH: "<<=", AluOp.RSH: ">>=", AluOp.NEG: "neg", AluOp.MOD: "%=",
+    AluOp.XOR: "^=", AluOp.MOV: "=", AluOp.ARSH: "s>>=", AluOp.END: "endian",
 }
-_ALU_SIGNED = {0x30: "s/=", 0x90: "s%="}
-_MOVSX = {8: "(s8)", 16: "(s16)", 32: "(s32)"}
-_ATOMIC_ALU = {0x00: "add", 0x40: "or", 0x50: "and", 0xA0: "xor"}
+_ALU_SIGNED = {AluOp.DIV: "s/=", AluOp.MOD: "s%="}  # with off == 1
+_MOVSX = {8: "(s8)", 16: "(s16)", 32: "(s32)"}  # MOV | X with off == bits
+_ATOMIC_LOCK = {Atomic.ADD: "+=", Atomic.OR: "|=", Atomic.AND: "&=", Atomic.XOR: "^="}
+_ATOMIC_FETCH = {Atomic.FETCH_ADD: "add", Atomic.FETCH_OR: "or", Atomic.FETCH_AND: "and",
+                 Atomic.FETCH_XOR: "xor"}
 _SIZE = {I.W: "u32", I.H: "u16", I.B: "u8", I.DW: "u64"}
 _SIZE_SX = {I.W: "s32", I.H: "s16", I.B: "s8"}
 _JMP = {
-    0x00: "jmp", 0x10: "==", 0x20: ">", 0x30: ">=", 0x40: "&", 0x50: "!=", 0x60: "s>",
-    0x70: "s>=", 0xA0: "<", 0xB0: "<=", 0xC0: "s<", 0xD0: "s<=",
+    JmpOp.JA: "jmp", JmpOp.JEQ: "==", JmpOp.JGT: ">", JmpOp.JGE: ">=", JmpOp.JSET: "&",
+    JmpOp.JNE: "!=", JmpOp.JSGT: "s>", JmpOp.JSGE: "s>=", JmpOp.JLT: "<", JmpOp.JLE: "<=",
+    JmpOp.JSLT: "s<", JmpOp.JSLE: "s<=",
 }
+_CLASS = ("ld", "ldx", "st", "stx", "alu", "jmp", "jmp32", "alu64")
 
 # Names an ld_imm64 with a map pseudo source is printed with, given (insn, next insn).
 MapNamer = Callable[[Insn, Insn], str]
@@ -34,9 +39,11 @@ KfuncNamer = Callable[[int], str | None]
 
 
 def _default_map_name(first: Insn, second: Insn) -> str:
+    # bpftool prints both numbers unsigned.
+    map_id = first.imm & 0xFFFFFFFF
     if first.src == Pseudo.MAP_VALUE:
-        return f"map[id:{first.imm}][0]+{second.imm}"
-    return f"map[id:{first.imm}]"
+        return f"map[id:{map_id}][0]+{second.imm & 0xFFFFFFFF}"
+    return f"map[id:{map_id}]"
 
 
 def format_insn(
@@ -47,109 +54,124 @@ def format_insn(
     kfunc_name: KfuncNamer | None = None,
 ) -> str:
     """One instruction (with its second slot for ld_imm64) as print_bpf_insn() writes it."""
-    code = insn.opcode
-    cls, op = code & 0x07, code & 0xF0
-    head = f"({code:02x})"
+    cls = insn.cls
+    head = f"({insn.opcode:02x})"
     if cls in (I.ALU, I.ALU64):
-        r = "w" if cls == I.ALU else "r"
-        if op == 0xD0:
-            if cls == I.ALU64:
-                return f"{head} r{insn.dst} = bswap{insn.imm} r{insn.dst}"
-            order = "be" if code & I.TO_BE else "le"
-            return f"{head} r{insn.dst} = {order}{insn.imm} r{insn.dst}"
-        if op == 0x80:
-            return f"{head} {r}{insn.dst} = -{r}{insn.dst}"
-        sym = _ALU_SIGNED[op] if op in _ALU_SIGNED and insn.off == 1 else _ALU[op]
-        if code & I.X:
-            sx = _MOVSX.get(insn.off, "") if op == 0xB0 else ""
-            return f"{head} {r}{insn.dst} {sym} {sx}{r}{insn.src}"
-        return f"{head} {r}{insn.dst} {sym} {_s32(insn.imm)}"
+        return f"{head} {_format_alu(insn)}"
     if cls == I.STX:
-        mode, size = code & 0xE0, code & 0x18
-        t = _SIZE[size]
+        mode, t = insn.opcode & 0xE0, _SIZE[insn.opcode & 0x18]
         if mode == I.MEM:
             return f"{head} *({t} *)(r{insn.dst} {insn.off:+d}) = r{insn.src}"
         if mode == I.ATOMIC:
             return _format_atomic(insn, head, t)
-        return f"BUG_{code:02x}"
+        return f"BUG_{insn.opcode:02x}"
     if cls == I.ST:
-        if code & 0xE0 == I.MEM:
-            return f"{head} *({_SIZE[code & 0x18]} *)(r{insn.dst} {insn.off:+d}) = {_s32(insn.imm)}"
-        return f"BUG_st_{code:02x}"
+        if insn.opcode & 0xE0 == I.MEM:
+            t = _SIZE[insn.opcode & 0x18]
+            return f"{head} *({t} *)(r{insn.dst} {insn.off:+d}) = {insn.imm}"
+        if insn.opcode & 0xE0 == I.NOSPEC:
+            return f"{head} nospec"
+        return f"BUG_st_{insn.opcode:02x}"
     if cls == I.LDX:
-        mode, size = code & 0xE0, code & 0x18
+        mode, size = insn.opcode & 0xE0, insn.opcode & 0x18
         if mode == I.MEM:
             t = _SIZE[size]
         elif mode == I.MEMSX and size in _SIZE_SX:
             t = _SIZE_SX[size]
         else:
-            return f"BUG_ldx_{code:02x}"
+            return f"BUG_ldx_{insn.opcode:02x}"
         return f"{head} r{insn.dst} = *({t} *)(r{insn.src} {insn.off:+d})"
     if cls == I.LD:
-        mode, size = code & 0xE0, code & 0x18
-        if mode == I.ABS:
-            return f"{head} r0 = *({_SIZE[size]} *)skb[{_s32(insn.imm)}]"
-        if mode == I.IND:
-            return f"{head} r0 = *({_SIZE[size]} *)skb[r{insn.src} + {_s32(insn.imm)}]"
-        if mode == I.IMM and size == I.DW:
-            second = nxt if nxt is not None else Insn(0)
-            if insn.src in (Pseudo.MAP_FD, Pseudo.MAP_VALUE):
-                text = map_name(insn, second)
-            elif insn.src == Pseudo.FUNC:
-                text = f"subprog[{_s32(insn.imm):+d}]"
-            else:
-                value = ((second.imm & 0xFFFFFFFF) << 32) | (insn.imm & 0xFFFFFFFF)
-                text = f"0x{value:x}"
-            return f"{head} r{insn.dst} = {text}"
-        return f"BUG_ld_{code:02x}"
-    # JMP / JMP32
-    r = "w" if cls == I.JMP32 else "r"
-    if op == 0x80:
+        text = _format_ld(insn, nxt, map_name)
+        return f"{head} {text}" if text else f"BUG_ld_{insn.opcode:02x}"
+    return f"{head} {_format_jmp(insn, kfunc_name)}"
+
+
+def _format_alu(insn: Insn) -> str:
+    code, cls, op = insn.opcode, insn.cls, insn.opcode & 0xF0
+    r = "w" if cls == I.ALU else "r"
+    if op == AluOp.END:
+        if cls == I.ALU64:
+            return f"r{insn.dst} = bswap{insn.imm} r{insn.dst}"
+        order = "be" if code & I.TO_BE else "le"
+        return f"r{insn.dst} = {order}{insn.imm} r{insn.dst}"
+    if op == AluOp.NEG:
+        return f"{r}{insn.dst} = -{r}{insn.dst}"
+    if code == I.ALU64 | AluOp.MOV | I.X and insn.off == I.ADDR_SPACE_CAST:
+        imm = insn.imm & 0xFFFFFFFF
+        return f"r{insn.dst} = addr_space_cast(r{insn.src}, {imm >> 16}, {imm & 0xFFFF})"
+    if code == I.ALU64 | AluOp.MOV | I.X and insn.off == I.ADDR_PERCPU:
+        return f"r{insn.dst} = &(void __percpu *)(r{insn.src})"
+    sym = _ALU_SIGNED[op] if op in _ALU_SIGNED and insn.off == 1 else _ALU[op]
+    if code & I.X:
+        sx = _MOVSX.get(insn.off, "") if op == AluOp.MOV else ""
+        return f"{r}{insn.dst} {sym} {sx}{r}{insn.src}"
+    return f"{r}{insn.dst} {sym} {insn.imm}"
+
+
+def _format_ld(insn: Insn, nxt: Insn | None, map_name: MapNamer) -> str | None:
+    mode, size = insn.opcode & 0xE0, insn.opcode & 0x18
+    if mode == I.ABS:
+        return f"r0 = *({_SIZE[size]} *)skb[{insn.imm}]"
+    if mode == I.IND:
+        return f"r0 = *({_SIZE[size]} *)skb[r{insn.src} + {insn.imm}]"
+    if mode != I.IMM or size != I.DW:
+        return None
+    second = nxt if nxt is not None else Insn(0)
+    if insn.src in (Pseudo.MAP_FD, Pseudo.MAP_VALUE):
+        text = map_name(insn, second)
+    elif insn.src == Pseudo.FUNC:
+        text = f"subprog[{insn.imm:+d}]"
+    else:
+        value = ((second.imm & 0xFFFFFFFF) << 32) | (insn.imm & 0xFFFFFFFF)
+        text = f"0x{value:x}"
+    return f"r{insn.dst} = {text}"
+
+
+def _format_jmp(insn: Insn, kfunc_name: KfuncNamer | None) -> str:
+    code, cls, op = insn.opcode, insn.cls, insn.opcode & 0xF0
+    if op == JmpOp.CALL:
         if insn.src == Pseudo.CALL:
-            return f"{head} call pc{_s32(insn.imm):+d}"
+            return f"call pc{insn.imm:+d}"
         if insn.src == Pseudo.KFUNC_CALL:
             name = (kfunc_name(insn.imm) if kfunc_name else None) or "kernel-function"
-            return f"{head} call {name}#{_s32(insn.imm)}"
-        return f"{head} call bpf_{helper_name(insn.imm)}#{_s32(insn.imm)}"
-    if code == I.JMP | 0x00:
-        return f"{head} goto pc{insn.off:+d}"
-    if code == I.JMP | 0xE0 and insn.src == Pseudo.MAY_GOTO:
-        return f"{head} may_goto pc{insn.off:+d}"
-    if code == I.JMP32 | 0x00:
-        return f"{head} gotol pc{_s32(insn.imm):+d}"
-    if code == I.JMP | 0x90:
-        return f"{head} exit"
+            return f"call {name}#{insn.imm}"
+        # The kernel names ids it knows bpf_<name> (0 is bpf_unspec), anything else "unknown".
+        known = 0 <= insn.imm < len(HELPER_NAMES)
+        return f"call {'bpf_' + HELPER_NAMES[insn.imm] if known else 'unknown'}#{insn.imm}"
+    if code == I.JMP | JmpOp.JA:
+        return f"goto pc{insn.off:+d}"
+    if code == I.JMP | JmpOp.JCOND and insn.src == Pseudo.MAY_GOTO:
+        return f"may_goto pc{insn.off:+d}"
+    if code == I.JMP32 | JmpOp.JA:
+        return f"gotol pc{insn.imm:+d}"
+    if code == I.JMP | JmpOp.EXIT:
+        return "exit"
     if op not in _JMP:
-        return f"{head} {('ld', 'ldx', 'st', 'stx', 'alu', 'jmp', 'jmp32', 'alu64')[cls]}"
+        return _CLASS[cls]
+    r = "w" if cls == I.JMP32 else "r"
     if code & I.X:
-        return f"{head} if {r}{insn.dst} {_JMP[op]} {r}{insn.src} goto pc{insn.off:+d}"
-    return f"{head} if {r}{insn.dst} {_JMP[op]} 0x{insn.imm & 0xFFFFFFFF:x} goto pc{insn.off:+d}"
+        return f"if {r}{insn.dst} {_JMP[op]} {r}{insn.src} goto pc{insn.off:+d}"
+    return f"if {r}{insn.dst} {_JMP[op]} 0x{insn.imm & 0xFFFFFFFF:x} goto pc{insn.off:+d}"
 
 
 def _format_atomic(insn: Insn, head: str, t: str) -> str:
-    imm = insn.imm
+    imm, dst, src, off = insn.imm, insn.dst, insn.src, insn.off
     bits = "64" if insn.opcode & 0x18 == I.DW else ""
-    if imm in _ATOMIC_ALU:
-        return f"{head} lock *({t} *)(r{insn.dst} {insn.off:+d}) {_ALU[imm]} r{insn.src}"
-    if imm & ~0x01 in _ATOMIC_ALU and imm & 0x01:
-        name = _ATOMIC_ALU[imm & ~0x01]
-        return (f"{head} r{insn.src} = atomic{bits}_fetch_{name}(({t} *)(r{insn.dst} "
-                f"{insn.off:+d}), r{insn.src})")
-    if imm == I.Atomic.CMPXCHG:
-        return (f"{head} r0 = atomic{bits}_cmpxchg(({t} *)(r{insn.dst} {insn.off:+d}), r0, "
-                f"r{insn.src})")
-    if imm == I.Atomic.XCHG:
-        return (f"{head} r{insn.src} = atomic{bits}_xchg(({t} *)(r{insn.dst} {insn.off:+d}), "
-                f"r{insn.src})")
-    if imm == I.Atomic.LOAD_ACQ:
-        return f"{head} r{insn.dst} = load_acquire(({t} *)(r{insn.src} {insn.off:+d}))"
-    if imm == I.Atomic.STORE_REL:
-        return f"{head} store_release(({t} *)(r{insn.dst} {insn.off:+d}), r{insn.src})"
+    if imm in _ATOMIC_LOCK:
+        return f"{head} lock *({t} *)(r{dst} {off:+d}) {_ATOMIC_LOCK[imm]} r{src}"
+    if imm in _ATOMIC_FETCH:
+        name = _ATOMIC_FETCH[imm]
+        return f"{head} r{src} = atomic{bits}_fetch_{name}(({t} *)(r{dst} {off:+d}), r{src})"
+    if imm == Atomic.CMPXCHG:
+        return f"{head} r0 = atomic{bits}_cmpxchg(({t} *)(r{dst} {off:+d}), r0, r{src})"
+    if imm == Atomic.XCHG:
+        return f"{head} r{src} = atomic{bits}_xchg(({t} *)(r{dst} {off:+d}), r{src})"
+    if imm == Atomic.LOAD_ACQ:
+        return f"{head} r{dst} = load_acquire(({t} *)(r{src} {off:+d}))"
+    if imm == Atomic.STORE_REL:
+        return f"{head} store_release(({t} *)(r{dst} {off:+d}), r{src})"
     return f"BUG_{insn.opcode:02x}"
-
-
-def _s32(v: int) -> int:
-    return v - (1 << 32) if v >= 1 << 31 else v
 
 
 def disassemble(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 
@@ -47,10 +48,8 @@ class FdObject:
     def __del__(self) -> None:
         # An fd leaked by a forgotten close() would pin kernel memory until exit.
         if getattr(self, "_fd", -1) >= 0:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(self._fd)
-            except OSError:
-                pass
             self._fd = -1
 
     def pin(self, path: str) -> None:

@@ -30,6 +30,7 @@ BYTES_SIZE = {v: k for k, v in SIZE_BYTES.items()}
 
 # Modes (LD/LDX/ST/STX).
 IMM, ABS, IND, MEM, MEMSX, ATOMIC = 0x00, 0x20, 0x40, 0x60, 0x80, 0xC0
+NOSPEC = 0xC0  # ST-class mode of the speculation barrier the verifier inserts (not UAPI)
 
 # Source operand (ALU/JMP).
 K, X = 0x00, 0x08
@@ -82,6 +83,10 @@ INVERSE = {
     JmpOp.JSGT: JmpOp.JSLE, JmpOp.JSLE: JmpOp.JSGT,
     JmpOp.JSGE: JmpOp.JSLT, JmpOp.JSLT: JmpOp.JSGE,
 }
+
+# `off` values that give ALU64 | MOV | X another meaning than a plain (or sign-extending) move.
+ADDR_SPACE_CAST = 1  # arena pointer cast; imm = dst_as << 16 | src_as
+ADDR_PERCPU = -1  # verifier-internal: dst = src + this CPU's per-CPU offset
 
 # Byte-order conversion (ALU | END) source bit.
 TO_LE, TO_BE = 0x00, 0x08
@@ -151,6 +156,16 @@ class Insn:
         _check("src", self.src, 0, 15, what)
         _check("off", self.off, -(1 << 15), (1 << 15) - 1, what)
         _check("imm", self.imm, -(1 << 31), (1 << 32) - 1, what)
+        # Fields hold plain ints (not enum members), imm as the kernel's s32: equal encodings
+        # then compare and print equal.
+        for name in ("opcode", "dst", "src", "off"):
+            if type(getattr(self, name)) is not int:
+                object.__setattr__(self, name, int(getattr(self, name)))
+        imm = int(self.imm)
+        if imm >= 1 << 31:
+            imm -= 1 << 32
+        if type(self.imm) is not int or imm != self.imm:
+            object.__setattr__(self, "imm", imm)
 
     @property
     def cls(self) -> int:
@@ -159,8 +174,7 @@ class Insn:
 
     def pack(self) -> bytes:
         """Encode this slot as the kernel's `struct bpf_insn`."""
-        imm = self.imm - (1 << 32) if self.imm >= 1 << 31 else self.imm
-        return struct.pack("<BBhi", self.opcode, (self.src << 4) | self.dst, self.off, imm)
+        return struct.pack("<BBhi", self.opcode, (self.src << 4) | self.dst, self.off, self.imm)
 
     @classmethod
     def unpack(cls, raw: bytes) -> Insn:
@@ -190,11 +204,16 @@ def unpack(raw: bytes) -> list[Insn]:
 # Constructors. They return lists only where an instruction takes two slots (ld_imm64).
 
 
+def _simm(value: int, what: str) -> int:
+    """An imm the kernel sign-extends to 64 bits: 0xffffffff would silently mean -1."""
+    return _check("imm", value, -(1 << 31), (1 << 31) - 1, f"{what} (imm is sign-extended)")
+
+
 def alu64(op: AluOp, dst: int, src_or_imm: int, *, reg: bool, off: int = 0) -> Insn:
-    """64-bit ALU; `reg` selects a register source over an immediate."""
+    """64-bit ALU; `reg` selects a register source over an immediate (an s32)."""
     if reg:
         return Insn(ALU64 | op | X, dst, src_or_imm, off, 0)
-    return Insn(ALU64 | op | K, dst, 0, off, src_or_imm)
+    return Insn(ALU64 | op | K, dst, 0, off, _simm(src_or_imm, f"alu64 {op.name}"))
 
 
 def alu32(op: AluOp, dst: int, src_or_imm: int, *, reg: bool, off: int = 0) -> Insn:
@@ -285,7 +304,9 @@ def stx(size: int, dst: int, src: int, off: int) -> Insn:
 
 
 def st(size: int, dst: int, off: int, imm: int) -> Insn:
-    """*(size *)(dst + off) = imm."""
+    """*(size *)(dst + off) = imm (sign-extended for DW)."""
+    if size == DW:
+        _simm(imm, "st DW")
     return Insn(ST | MEM | size, dst, 0, off, imm)
 
 
@@ -294,6 +315,16 @@ def atomic(size: int, op: Atomic, dst: int, src: int, off: int) -> Insn:
     if size not in (W, DW) and op not in (Atomic.LOAD_ACQ, Atomic.STORE_REL):
         raise EncodeError(f"atomic {op.name}: only 32- and 64-bit operands")
     return Insn(STX | ATOMIC | size, dst, src, off, op)
+
+
+def load_acquire(size: int, dst: int, src: int, off: int) -> Insn:
+    """dst = *(size *)(src + off) with acquire ordering (cpu v4; note dst/src roles)."""
+    return Insn(STX | ATOMIC | size, dst, src, off, Atomic.LOAD_ACQ)
+
+
+def store_release(size: int, dst: int, src: int, off: int) -> Insn:
+    """*(size *)(dst + off) = src with release ordering (cpu v4)."""
+    return Insn(STX | ATOMIC | size, dst, src, off, Atomic.STORE_REL)
 
 
 def ld_abs(size: int, imm: int) -> Insn:
@@ -307,7 +338,8 @@ def ld_ind(size: int, src: int, imm: int) -> Insn:
 
 
 def ld_imm64(dst: int, value: int, pseudo: Pseudo = Pseudo.NONE) -> list[Insn]:
-    """dst = 64-bit constant (two slots)."""
+    """dst = 64-bit constant (two slots); `value` may be given signed or unsigned."""
+    _check("value", value, -(1 << 63), (1 << 64) - 1, "ld_imm64")
     value &= (1 << 64) - 1
     lo, hi = value & 0xFFFFFFFF, value >> 32
     return [Insn(LD | IMM | DW, dst, pseudo, 0, lo), Insn(0, 0, 0, 0, hi)]
@@ -324,10 +356,10 @@ def ld_map_value(dst: int, fd: int, offset: int) -> list[Insn]:
 
 
 def jmp(op: JmpOp, dst: int, src_or_imm: int, off: int, *, reg: bool) -> Insn:
-    """if dst <op> src goto +off (64-bit compare)."""
+    """if dst <op> src goto +off (64-bit compare; an immediate is an s32, sign-extended)."""
     if reg:
         return Insn(JMP | op | X, dst, src_or_imm, off, 0)
-    return Insn(JMP | op | K, dst, 0, off, src_or_imm)
+    return Insn(JMP | op | K, dst, 0, off, _simm(src_or_imm, f"jmp {op.name}"))
 
 
 def jmp32(op: JmpOp, dst: int, src_or_imm: int, off: int, *, reg: bool) -> Insn:
@@ -344,6 +376,7 @@ def ja(off: int) -> Insn:
 
 def gotol(off: int) -> Insn:
     """goto +off with a 32-bit range (cpu v4)."""
+    _check("off", off, -(1 << 31), (1 << 31) - 1, "gotol")
     return Insn(JMP32 | JmpOp.JA, imm=off)
 
 
@@ -359,6 +392,7 @@ def call_helper(helper_id: int) -> Insn:
 
 def call_local(rel: int) -> Insn:
     """bpf-to-bpf call to the instruction at pc + 1 + rel."""
+    _check("rel", rel, -(1 << 31), (1 << 31) - 1, "call")
     return Insn(JMP | JmpOp.CALL, src=Pseudo.CALL, imm=rel)
 
 

@@ -10,7 +10,16 @@ from .asm import Program as AsmProgram
 from .consts import AttachType, Cmd, ProgFlags, ProgType, TestRunFlags
 from .fd import FdObject, fd_by_id, obj_get
 from .insn import Insn, pack, unpack
-from .syscall import BpfError, ProgBindMapAttr, ProgInfo, ProgLoadAttr, TestRunAttr, addr, bpf, str_c
+from .syscall import (
+    BpfError,
+    ProgBindMapAttr,
+    ProgInfo,
+    ProgLoadAttr,
+    TestRunAttr,
+    addr,
+    bpf,
+    str_c,
+)
 
 LOG_SIZE_DEFAULT = 1 << 20
 LOG_SIZE_MAX = (1 << 30) - 1  # the kernel's UINT_MAX >> 2

@@ -205,6 +205,10 @@ class _LinkInfoNetfilter(ctypes.Structure):
                 ("flags", c_uint32)]
 
 
+class _LinkInfoXdp(ctypes.Structure):
+    _fields_ = [("ifindex", c_uint32)]
+
+
 class _LinkInfoIface(ctypes.Structure):
     _fields_ = [("ifindex", c_uint32), ("attach_type", c_uint32)]
 
@@ -214,7 +218,7 @@ class _LinkInfoCgroup(ctypes.Structure):
 
 
 class _LinkInfoUnion(ctypes.Union):
-    _fields_ = [("netfilter", _LinkInfoNetfilter), ("xdp", _LinkInfoIface),
+    _fields_ = [("netfilter", _LinkInfoNetfilter), ("xdp", _LinkInfoXdp),
                 ("tcx", _LinkInfoIface), ("cgroup", _LinkInfoCgroup), ("_size", c_uint8 * 64)]
 
 

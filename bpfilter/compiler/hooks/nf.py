@@ -1,0 +1,130 @@
+"""Netfilter programs (BPF_PROG_TYPE_NETFILTER): the transparent replacement for iptables.
+
+The context is `struct bpf_nf_ctx {state, skb}`. Packet bytes are read through a dynptr made by
+the `bpf_dynptr_from_skb` kfunc (netfilter programs may not call bpf_skb_load_bytes); at these
+hooks skb->data is the network header. Metadata comes from kernel structs at offsets read from
+vmlinux BTF.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...bpf import insn as I
+from ...bpf.asm import Assembler, Label
+from ...bpf.btf import vmlinux
+from ...bpf.consts import AttachType, Helper, NfHook, NfVerdict, ProgType
+from ...bpf.insn import AluOp, JmpOp
+from ...ir.model import Family
+from ...ir.pred import Field
+from .. import layout as L
+from .base import Flavour, HookPoint, Verdict
+
+_CHAINS = {
+    "filter": {"INPUT": NfHook.LOCAL_IN, "FORWARD": NfHook.FORWARD, "OUTPUT": NfHook.LOCAL_OUT},
+    "mangle": {"PREROUTING": NfHook.PRE_ROUTING, "INPUT": NfHook.LOCAL_IN,
+               "FORWARD": NfHook.FORWARD, "OUTPUT": NfHook.LOCAL_OUT,
+               "POSTROUTING": NfHook.POST_ROUTING},
+    "raw": {"PREROUTING": NfHook.PRE_ROUTING, "OUTPUT": NfHook.LOCAL_OUT},
+    "security": {"INPUT": NfHook.LOCAL_IN, "FORWARD": NfHook.FORWARD,
+                 "OUTPUT": NfHook.LOCAL_OUT},
+}
+
+PACKET_LOOPBACK = 5
+PACKET_BROADCAST, PACKET_MULTICAST = 1, 2
+
+
+@dataclass
+class NetfilterFlavour(Flavour):
+    """Programs attached with netfilter links."""
+
+    name: str = "nf"
+    prog_type: ProgType = ProgType.NETFILTER
+    attach_type: AttachType | None = AttachType.NETFILTER
+
+    def chains(self, table: str) -> dict[str, HookPoint]:
+        """Built-in chains of `table` and their netfilter hooks."""
+        return {c: HookPoint(c, nf_hook=h) for c, h in _CHAINS.get(table, {}).items()}
+
+    def verdict_code(self, verdict: Verdict) -> int:
+        """NF_ACCEPT or NF_DROP."""
+        return NfVerdict.ACCEPT if verdict == Verdict.ACCEPT else NfVerdict.DROP
+
+    def emit_setup(self, a: Assembler) -> None:
+        """Keep the context and make a dynptr over the skb."""
+        btf = vmlinux()
+        a.emit(I.mov64(L.R_CTX, I.R1))
+        a.emit(I.ldx(I.DW, I.R1, L.R_CTX, btf.member_offset("bpf_nf_ctx", "skb").offset))
+        a.emit(I.mov64_imm(I.R2, 0))
+        a.emit(I.mov64(I.R3, I.R10), I.alu64(AluOp.ADD, I.R3, L.DYNPTR_OFF, reg=False))
+        a.emit(I.call_kfunc(btf.func_id("bpf_dynptr_from_skb")))
+
+    def emit_l3_offset(self, a: Assembler, on_pass: Label) -> None:
+        """The dynptr starts at the network header."""
+        a.emit(I.mov64_imm(I.R7, 0))
+
+    def emit_load(self, a: Assembler, off_reg: int, dst: int, length: int | None,
+                  len_reg: int | None = None) -> None:
+        """bpf_dynptr_read(r9 + dst, len, &dynptr, off, 0)."""
+        a.emit(I.mov64(I.R1, L.R_PKT), I.alu64(AluOp.ADD, I.R1, dst, reg=False))
+        if len_reg is not None:
+            a.emit(I.mov64(I.R2, len_reg))
+        else:
+            a.emit(I.mov64_imm(I.R2, length or 0))
+        a.emit(I.mov64(I.R3, I.R10), I.alu64(AluOp.ADD, I.R3, L.DYNPTR_OFF, reg=False))
+        a.emit(I.mov64(I.R4, off_reg), I.mov64_imm(I.R5, 0))
+        a.emit(I.call_helper(Helper.dynptr_read))
+
+    def emit_meta(self, a: Assembler, fields: set[Field]) -> None:
+        """Interface names from nf_hook_state, mark and packet type from the skb."""
+        btf = vmlinux()
+        static = self.static_fields()
+        name_off = btf.member_offset("net_device", "name").offset
+        for f, member, dst in ((Field.IIFNAME, "in", L.IIFNAME), (Field.OIFNAME, "out", L.OIFNAME)):
+            if f not in fields or f in static:
+                continue
+            a.emit(I.ldx(I.DW, I.R1, L.R_CTX, btf.member_offset("bpf_nf_ctx", "state").offset))
+            a.emit(I.ldx(I.DW, I.R1, I.R1, btf.member_offset("nf_hook_state", member).offset))
+            # A missing device (no input device on OUTPUT) reads as NULL: its name is "".
+            zero = a.label("nodev")
+            done = a.label("dev")
+            a.jump(JmpOp.JEQ, I.R1, 0, zero)
+            a.emit(I.ldx(I.DW, I.R2, I.R1, name_off), I.stx(I.DW, L.R_PKT, I.R2, dst))
+            a.emit(I.ldx(I.DW, I.R2, I.R1, name_off + 8), I.stx(I.DW, L.R_PKT, I.R2, dst + 8))
+            a.goto(done)
+            a.place(zero)
+            a.emit(I.st(I.DW, L.R_PKT, dst, 0), I.st(I.DW, L.R_PKT, dst + 8, 0))
+            a.place(done)
+        if Field.MARK in fields:
+            a.emit(I.ldx(I.DW, I.R1, L.R_CTX, btf.member_offset("bpf_nf_ctx", "skb").offset))
+            a.emit(I.ldx(I.W, I.R2, I.R1, btf.member_offset("sk_buff", "mark").offset))
+            a.emit(I.stx(I.W, L.R_PKT, I.R2, L.MARK))
+        if Field.PKTTYPE in fields:
+            self._emit_pkttype(a)
+
+    def _emit_pkttype(self, a: Assembler) -> None:
+        """xt_pkttype's view: the skb's type, with looped-back packets classified by address."""
+        btf = vmlinux()
+        m = btf.member_offset("sk_buff", "pkt_type")
+        a.emit(I.ldx(I.DW, I.R1, L.R_CTX, btf.member_offset("bpf_nf_ctx", "skb").offset))
+        a.emit(I.ldx(I.B, I.R2, I.R1, m.offset))
+        if m.bit_offset % 8:
+            a.emit(I.alu32(AluOp.RSH, I.R2, m.bit_offset % 8, reg=False))
+        a.emit(I.alu32(AluOp.AND, I.R2, (1 << (m.bit_size or 3)) - 1, reg=False))
+        done = a.label("pkttype")
+        a.jump(JmpOp.JNE, I.R2, PACKET_LOOPBACK, done)
+        if self.family is Family.IPV6:
+            a.emit(I.mov64_imm(I.R2, PACKET_MULTICAST))
+        else:
+            a.emit(I.mov64_imm(I.R2, PACKET_BROADCAST))
+            a.emit(I.ldx(I.B, I.R3, L.R_PKT, L.L3 + 16), I.alu32(AluOp.AND, I.R3, 0xF0, reg=False))
+            a.jump(JmpOp.JNE, I.R3, 0xE0, done)
+            a.emit(I.mov64_imm(I.R2, PACKET_MULTICAST))
+        a.place(done)
+        a.emit(I.stx(I.B, L.R_PKT, I.R2, L.PKTTYPE))
+
+    def unsupported_field(self, f: Field) -> str | None:
+        """The MAC header is not reachable through the dynptr."""
+        if f is Field.SMAC:
+            return "the MAC source address is not readable from netfilter programs"
+        return None

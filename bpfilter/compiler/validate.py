@@ -1,0 +1,101 @@
+"""Checks a table before code generation: chain references, loops, what the hook can evaluate."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..ir.model import GOTO, JUMP, Chain, ChainRef, Origin, Rule, Table
+
+
+class CompileError(ValueError):
+    """The ruleset cannot be compiled; the message names the rule (file:line) and the reason."""
+
+    def __init__(self, message: str, origin: Origin | None = None) -> None:
+        where = f"{origin}: " if origin is not None else ""
+        super().__init__(f"{where}{message}")
+        self.origin = origin
+
+
+def rule_label(chain: str, index: int, rule: Rule) -> str:
+    """`-A CHAIN ...` text of a rule for messages (its source line when known)."""
+    if rule.origin is not None and rule.origin.text:
+        return rule.origin.text.strip()
+    return f"rule {index} of chain {chain}"
+
+
+def jump_target(rule: Rule) -> str | None:
+    """The chain a rule jumps or goes to, if any."""
+    if rule.target is not None and rule.target.kind in (JUMP, GOTO):
+        ref = rule.target.params
+        assert isinstance(ref, ChainRef)
+        return ref.chain
+    return None
+
+
+@dataclass
+class Reach:
+    """User chains reachable from each built-in chain, in first-reached order."""
+
+    from_builtin: dict[str, list[str]]
+
+
+def check_references(table: Table) -> None:
+    """Every jump names an existing user chain, and no chain reaches itself."""
+    for chain in table.chains.values():
+        for n, rule in enumerate(chain.rules, 1):
+            target = jump_target(rule)
+            if target is None:
+                continue
+            if target not in table.chains:
+                raise CompileError(f"chain {chain.name}, rule {n}: jump to undefined chain "
+                                   f"{target!r}", rule.origin)
+            if table.chains[target].builtin:
+                raise CompileError(f"chain {chain.name}, rule {n}: cannot jump to built-in "
+                                   f"chain {target!r}", rule.origin)
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(name: str, path: list[str]) -> None:
+        state[name] = 1
+        for rule in table.chains[name].rules:
+            target = jump_target(rule)
+            if target is None:
+                continue
+            if state.get(target) == 1:
+                loop = " -> ".join([*path[path.index(target):], target])
+                raise CompileError(f"chain loop: {loop}", rule.origin)
+            if state.get(target) is None:
+                visit(target, [*path, target])
+        state[name] = 2
+
+    for name in table.chains:
+        if state.get(name) is None:
+            visit(name, [name])
+
+
+def reachable(table: Table, start: Chain) -> list[str]:
+    """User chains reachable from `start`, depth first in rule order."""
+    seen: list[str] = []
+
+    def walk(chain: Chain) -> None:
+        for rule in chain.rules:
+            target = jump_target(rule)
+            if target is not None and target not in seen:
+                seen.append(target)
+                walk(table.chains[target])
+
+    walk(start)
+    return seen
+
+
+def call_depth(table: Table, name: str, memo: dict[str, int] | None = None) -> int:
+    """Longest chain of nested jumps below `name` (the verifier allows 8 frames)."""
+    memo = {} if memo is None else memo
+    if name in memo:
+        return memo[name]
+    depth = 0
+    for rule in table.chains[name].rules:
+        target = jump_target(rule)
+        if target is not None:
+            depth = max(depth, 1 + call_depth(table, target, memo))
+    memo[name] = depth
+    return depth

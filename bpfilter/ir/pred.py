@@ -1,0 +1,204 @@
+"""Predicates over packet fields: what a match reads, in a form code generation is generic over.
+
+A matcher entry lowers its parameters to a `Pred`. The compiler knows how to read each `Field`
+(where the packet parser left it, its width and byte order) and how to test each predicate form;
+adding a match therefore means declaring which fields it reads and how it compares them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Order(Enum):
+    """How a field's bytes are stored."""
+
+    NET = "net"  # big endian, as on the wire
+    HOST = "host"  # little endian (x86_64)
+    BYTES = "bytes"  # a byte string compared as is (addresses, names)
+
+
+class Field(Enum):
+    """Packet and metadata fields a predicate may read: (id, width in bytes, byte order).
+
+    The id keeps members with the same shape distinct (Enum would make them aliases).
+    """
+
+    SADDR4 = (1, 4, Order.BYTES)
+    DADDR4 = (2, 4, Order.BYTES)
+    SADDR6 = (3, 16, Order.BYTES)
+    DADDR6 = (4, 16, Order.BYTES)
+    L4PROTO = (5, 1, Order.HOST)  # transport protocol after IPv6 extension headers
+    FRAGOFF = (6, 2, Order.HOST)  # IPv4: fragment offset in 8-byte units; IPv6: in bytes; 0: first
+    IPLEN = (7, 2, Order.HOST)  # IPv4 total length, IPv6 payload length + 40
+    TTL = (8, 1, Order.HOST)  # IPv4 TTL or IPv6 hop limit
+    TOS = (9, 1, Order.HOST)  # IPv4 TOS or IPv6 traffic class
+    SPORT = (10, 2, Order.NET)
+    DPORT = (11, 2, Order.NET)
+    TCPFLAGS = (12, 1, Order.HOST)  # byte 13 of the TCP header
+    TCPDOFF = (13, 1, Order.HOST)  # data offset in 32-bit words
+    ICMPTYPE = (14, 1, Order.HOST)
+    ICMPCODE = (15, 1, Order.HOST)
+    IIFNAME = (16, 16, Order.BYTES)
+    OIFNAME = (17, 16, Order.BYTES)
+    MARK = (18, 4, Order.HOST)
+    PKTTYPE = (19, 1, Order.HOST)
+    SMAC = (20, 6, Order.BYTES)
+
+    @property
+    def width(self) -> int:
+        """Bytes the field occupies."""
+        return self.value[1]
+
+    @property
+    def order(self) -> Order:
+        """Byte order of the stored field."""
+        return self.value[2]
+
+
+class L4(Enum):
+    """How much of the transport header a match needs (netfilter drops the packet when absent)."""
+
+    PORTS = 4  # multiport reads only the two ports
+    SMALL = 8  # udp, icmp, icmpv6 headers
+    TCP = 20  # a whole TCP header
+
+
+@dataclass(frozen=True)
+class Cmp:
+    """(field & mask) == value; `value`/`mask` are ints for numeric fields, bytes for BYTES ones."""
+
+    field: Field
+    value: int | bytes
+    mask: int | bytes | None = None
+
+
+@dataclass(frozen=True)
+class Range:
+    """lo <= field <= hi (numeric fields, compared in host order)."""
+
+    field: Field
+    lo: int
+    hi: int
+
+
+@dataclass(frozen=True)
+class Not:
+    """Negation."""
+
+    pred: Pred
+
+
+@dataclass(frozen=True)
+class AnyOf:
+    """Disjunction (empty: false)."""
+
+    preds: tuple[Pred, ...]
+
+
+@dataclass(frozen=True)
+class AllOf:
+    """Conjunction (empty: true)."""
+
+    preds: tuple[Pred, ...]
+
+
+@dataclass(frozen=True)
+class Const:
+    """A predicate known when compiling."""
+
+    value: bool
+
+
+@dataclass(frozen=True)
+class NonFirstFragment:
+    """The packet is a fragment other than the first (it carries no transport header)."""
+
+
+@dataclass(frozen=True)
+class TransportHeader:
+    """Netfilter's guard of transport matches: false on a non-first fragment, and a *hotdrop*
+    (the packet is dropped at once) when the header is shorter than `need`; with `evil_frag`,
+    an IPv4 fragment at offset 1 (8 bytes) is hotdropped too, as xt_tcpudp does for TCP."""
+
+    need: L4
+    evil_frag: bool = False
+
+
+@dataclass(frozen=True)
+class Proto:
+    """Transport protocol test as the built-in `-p` does it (IPv6: after extension headers;
+    an unparsable IPv6 header chain is hotdropped when it is not a later fragment)."""
+
+    proto: int
+    negate: bool = False
+
+
+@dataclass(frozen=True)
+class TcpOption:
+    """The TCP header carries option `kind` (a scan of the options, as xt_tcpudp does it; a data
+    offset below 5 words or unreadable options are hotdropped)."""
+
+    kind: int
+
+
+Pred = (Cmp | Range | Not | AnyOf | AllOf | Const | NonFirstFragment | TransportHeader | Proto
+        | TcpOption)
+
+
+def all_of(*preds: Pred) -> Pred:
+    """A conjunction, flattened and without trivially true parts."""
+    out: list[Pred] = []
+    for p in preds:
+        if isinstance(p, AllOf):
+            out.extend(p.preds)
+        elif p == Const(True):
+            continue
+        elif p == Const(False):
+            return p
+        else:
+            out.append(p)
+    return out[0] if len(out) == 1 else AllOf(tuple(out))
+
+
+def any_of(*preds: Pred) -> Pred:
+    """A disjunction, flattened and without trivially false parts."""
+    out: list[Pred] = []
+    for p in preds:
+        if isinstance(p, AnyOf):
+            out.extend(p.preds)
+        elif p == Const(False):
+            continue
+        elif p == Const(True):
+            return p
+        else:
+            out.append(p)
+    if not out:
+        return Const(False)
+    return out[0] if len(out) == 1 else AnyOf(tuple(out))
+
+
+def negate(pred: Pred, invert: bool = True) -> Pred:
+    """`pred` negated when `invert` (double negations cancel)."""
+    if not invert:
+        return pred
+    if isinstance(pred, Not):
+        return pred.pred
+    if isinstance(pred, Const):
+        return Const(not pred.value)
+    return Not(pred)
+
+
+def fields_of(pred: Pred) -> set[Field]:
+    """Every field `pred` reads."""
+    if isinstance(pred, Cmp | Range):
+        return {pred.field}
+    if isinstance(pred, Not):
+        return fields_of(pred.pred)
+    if isinstance(pred, AnyOf | AllOf):
+        out: set[Field] = set()
+        for p in pred.preds:
+            out |= fields_of(p)
+        return out
+    return set()

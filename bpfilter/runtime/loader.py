@@ -1,0 +1,431 @@
+"""Loading rulesets into the kernel: compile, verify, swap atomically, pin, read back.
+
+`Runtime` acts on one hook of one network namespace (the caller's, or a named one). A restore
+compiles and loads every program of the new ruleset before touching anything live; the switch is
+the single write of the family's generation word, so the old ruleset stays whole until then and a
+failure leaves it in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+from dataclasses import dataclass, field
+
+from .. import netns
+from ..bpf.bpffs import is_bpffs, mount_bpffs
+from ..bpf.consts import MapType, NfProto
+from ..bpf.link import Link
+from ..bpf.maps import Map, MapSpec
+from ..bpf.prog import Prog
+from ..bpf.syscall import BpfError
+from ..compiler.codegen import COUNTERS, CompiledTable, compile_table
+from ..compiler.hooks.base import Flavour, Verdict
+from ..compiler.hooks.nf import NetfilterFlavour
+from ..compiler.hooks.tcxdp import TcFlavour, XdpFlavour
+from ..compiler.validate import CompileError
+from ..ir.model import Counters, Family, Ruleset
+from . import dispatch as D
+from .state import (
+    Record,
+    TableRecord,
+    bpffs_root,
+    hook_dir_name,
+    locked,
+    read_record,
+    unlink_quiet,
+    write_record,
+)
+
+# Netfilter priorities of the iptables tables (NF_IP_PRI_*), so ordering matches iptables.
+NF_PRIORITY = {"raw": -300, "mangle": -150, "filter": 0, "security": 50}
+SUPPORTED_TABLES = ("filter", "mangle", "raw", "security")
+
+
+class RuntimeError_(RuntimeError):
+    """A ruleset cannot be loaded or read back."""
+
+
+@dataclass
+class Loaded:
+    """What is loaded for one family: the record and, per table, counters by slot."""
+
+    record: Record
+    counters: dict[str, list[Counters]] = field(default_factory=dict)
+
+
+def make_flavour(hook: str, family: Family, iface: str | None, *, egress: bool = False,
+                 mac: bytes | None = None) -> Flavour:
+    """The flavour object for a hook name."""
+    if hook == "nf":
+        return NetfilterFlavour(family)
+    if not iface:
+        raise RuntimeError_(f"--hook {hook} needs --iface")
+    if hook == "tc":
+        return TcFlavour(family, ifname=iface, egress=egress, mac=mac)
+    if hook == "xdp":
+        return XdpFlavour(family, ifname=iface, mac=mac)
+    raise RuntimeError_(f"unknown hook {hook!r} (nf, tc or xdp)")
+
+
+def compile_ruleset(rs: Ruleset, hook: str, iface: str | None,
+                    mac: bytes | None = None) -> list[CompiledTable]:
+    """Compile every table of `rs` for `hook`; refuse tables the hook cannot run."""
+    out: list[CompiledTable] = []
+    fl = make_flavour(hook, rs.family, iface, mac=mac)
+    for name, table in rs.tables.items():
+        busy = any(c.rules or c.policy not in (None, "ACCEPT") for c in table.chains.values())
+        if name not in SUPPORTED_TABLES or not fl.chains(name):
+            if busy:
+                where = "yet" if name not in SUPPORTED_TABLES else f"on hook {hook}"
+                raise CompileError(f"table {name!r} is not supported {where}")
+            continue
+        out.append(compile_table(table, fl))
+    return out
+
+
+def ensure_bpffs(root: str) -> None:
+    """Make sure `root` lies on a bpffs, mounting /sys/fs/bpf when that is where it goes."""
+    probe = root
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if is_bpffs(probe):
+        return
+    if root.startswith("/sys/fs/bpf/") or root == "/sys/fs/bpf":
+        mount_bpffs("/sys/fs/bpf")
+        return
+    raise RuntimeError_(f"{root} is not on a bpf filesystem")
+
+
+class Runtime:
+    """Loaded rulesets at one hook of one namespace."""
+
+    def __init__(self, hook: str = "nf", *, netns_name: str | None = None,
+                 iface: str | None = None, root: str | None = None) -> None:
+        if hook not in ("nf", "tc", "xdp"):
+            raise RuntimeError_(f"unknown hook {hook!r} (nf, tc or xdp)")
+        if hook != "nf" and not iface:
+            raise RuntimeError_(f"--hook {hook} needs --iface")
+        self.hook = hook
+        self.iface = iface if hook != "nf" else None
+        self.netns_name = netns_name
+        self.root = root or bpffs_root()
+        self.dir = os.path.join(self.root, netns.ns_id(netns_name),
+                                hook_dir_name(hook, self.iface))
+
+    # -- namespaces ----------------------------------------------------------------------
+
+    def _enter(self):
+        return netns.enter(self.netns_name) if self.netns_name else contextlib.nullcontext()
+
+    def _iface_info(self) -> tuple[int, bytes | None]:
+        assert self.iface is not None
+        with self._enter():
+            ifindex = socket_ifindex(self.iface)
+            mac = _iface_mac(self.iface)
+        return ifindex, mac
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.dir, name)
+
+    # -- shared objects ------------------------------------------------------------------
+
+    def _open_or_create(self, name: str, spec: MapSpec) -> Map:
+        path = self._path(name)
+        if os.path.exists(path):
+            return Map.open_pinned(path)
+        m = Map.create(spec)
+        m.pin(path)
+        return m
+
+    def _accept_code(self, family: Family) -> int:
+        return make_flavour(self.hook, family, self.iface or "x").verdict_code(Verdict.ACCEPT)
+
+    # -- restore -------------------------------------------------------------------------
+
+    def restore(self, rs: Ruleset, *, text: str, counters: bool = False) -> Record:
+        """Compile, load and switch to `rs` (whole, or not at all). `text` is its save form."""
+        mac = None
+        if self.iface:
+            _, mac = self._iface_info()
+        compiled = compile_ruleset(rs, self.hook, self.iface, mac)
+        ensure_bpffs(self.root)
+        os.makedirs(self.dir, exist_ok=True)
+        with locked(self.dir):
+            return self._restore_locked(rs, compiled, text, counters)
+
+    def _restore_locked(self, rs: Ruleset, compiled: list[CompiledTable], text: str,
+                        counters: bool) -> Record:
+        fam = rs.family
+        fi = D.family_index(fam)
+        gen_map = self._open_or_create(D.GEN_MAP, MapSpec(MapType.ARRAY, 4, 8, 1, name="bpf_gen"))
+        progs = self._open_or_create(
+            D.PROGS_MAP, MapSpec(MapType.PROG_ARRAY, 4, 4, D.PROG_ARRAY_SIZE, name="bpf_progs"))
+        with gen_map, progs:
+            words = struct.unpack("<II", gen_map.lookup(b"\0\0\0\0") or bytes(8))
+            cur = words[fi] & 1
+            new = 1 - cur
+            old_record = self._record(fam, cur)
+            loaded: list[tuple[str, str, Prog]] = []
+            maps: dict[str, Map] = {}
+            neutral = Prog.load(make_flavour(self.hook, fam, self.iface or "x").prog_type,
+                                D.neutral(self._accept_code(fam)), name="bpf_neutral",
+                                attach_type=make_flavour(self.hook, fam, self.iface or "x")
+                                .attach_type)
+            try:
+                tables: dict[str, TableRecord] = {}
+                for ct in compiled:
+                    tname = ct.table.name
+                    tmaps = {k: Map.create(spec) for k, spec in ct.maps.items()}
+                    for k, m in tmaps.items():
+                        maps[f"{'cnt' if k == COUNTERS else 'trace'}.{fam.value}.{tname}"] = m
+                    if counters:
+                        _seed_counters(tmaps[COUNTERS], ct)
+                    fds = {k: m.fd for k, m in tmaps.items()}
+                    for chain, cp in ct.programs.items():
+                        fl = cp.flavour
+                        prog = Prog.load(fl.prog_type, cp.program.resolve(fds), name=cp.name,
+                                         attach_type=fl.attach_type, source=cp.program)
+                        loaded.append((tname, chain, prog))
+                    tables[tname] = TableRecord([(s.chain, s.rule) for s in ct.slots],
+                                                list(ct.programs))
+                record = Record(fam.value, self.hook, self.iface, text, tables, rs.source)
+                meta = write_record(record, f"bpf_meta{fi}{new}")
+                maps[f"meta.{fam.value}"] = meta
+                # Fill the new generation: chain programs, and neutral ones where a hook that
+                # stays attached has no chain in the new ruleset.
+                base = new * D.GEN_STRIDE
+                wanted = {(t, c) for t, c, _ in loaded}
+                for t, c, prog in loaded:
+                    progs.update(_u32(base + D.slot_id(fam, t, c)), _u32(prog.fd))
+                attached = self._attached_hooks(fam)
+                for t, c in attached - wanted:
+                    progs.update(_u32(base + D.slot_id(fam, t, c)), _u32(neutral.fd))
+                # New hooks: their live slot must hold something before the link exists.
+                for t, c in wanted - attached:
+                    slot = _u32(cur * D.GEN_STRIDE + D.slot_id(fam, t, c))
+                    if progs.lookup(slot) is None:
+                        progs.update(slot, _u32(neutral.fd))
+                    self._attach(fam, t, c)
+                for name, m in maps.items():
+                    path = self._path(f"{name}.{new}")
+                    unlink_quiet(path)
+                    m.pin(path)
+                # The switch.
+                words = list(words)
+                words[fi] = new
+                gen_map.update(b"\0\0\0\0", struct.pack("<II", *words))
+            finally:
+                for _, _, p in loaded:
+                    p.close()
+                for m in maps.values():
+                    m.close()
+                neutral.close()
+            # After the switch: drop the old generation and hooks the new ruleset left.
+            for t, c in D.TABLE_CHAINS:
+                with contextlib.suppress(OSError):
+                    progs.delete(_u32(cur * D.GEN_STRIDE + D.slot_id(fam, t, c)))
+            for name in os.listdir(self.dir):
+                if name.endswith(f".{cur}") and f".{fam.value}" in name:
+                    unlink_quiet(self._path(name))
+            for t, c in self._attached_hooks(fam) - wanted:
+                self._detach(fam, t, c)
+            del old_record
+            return record
+
+    # -- links ---------------------------------------------------------------------------
+
+    def _link_name(self, fam: Family, table: str, chain: str) -> str:
+        if self.hook == "nf":
+            return f"link.{fam.value}.{table}.{chain}"
+        if self.hook == "tc":
+            return "link.egress" if chain == "OUTPUT" else "link.ingress"
+        return "link.xdp"
+
+    def _attached_hooks(self, fam: Family) -> set[tuple[str, str]]:
+        """(table, chain) pairs of `fam` whose dispatcher is attached."""
+        out = set()
+        rec = self._record(fam, None)
+        if rec is None:
+            return out
+        for t, tr in rec.tables.items():
+            for c in tr.chains:
+                if os.path.exists(self._path(self._link_name(fam, t, c))):
+                    out.add((t, c))
+        return out
+
+    def _attach(self, fam: Family, table: str, chain: str) -> None:
+        path = self._path(self._link_name(fam, table, chain))
+        if os.path.exists(path):
+            return
+        from ..compiler.hooks.nf import _CHAINS
+
+        accept = self._accept_code(fam)
+        if self.hook == "nf":
+            disp = D.nf_dispatcher(fam, table, chain, accept)
+            fl = make_flavour("nf", fam, None)
+        elif self.hook == "tc":
+            disp = D.tc_dispatcher(chain, accept)
+            fl = make_flavour("tc", fam, self.iface, egress=chain == "OUTPUT")
+        else:
+            disp = D.xdp_dispatcher(accept)
+            fl = make_flavour("xdp", fam, self.iface)
+        gen_map = Map.open_pinned(self._path(D.GEN_MAP))
+        progs = Map.open_pinned(self._path(D.PROGS_MAP))
+        with gen_map, progs:
+            insns = disp.resolve({D.GEN_MAP: gen_map.fd, D.PROGS_MAP: progs.fd})
+            with Prog.load(fl.prog_type, insns, name=f"bpf_disp_{chain.lower()}"[:15],
+                           attach_type=fl.attach_type, source=disp) as prog, self._enter():
+                if self.hook == "nf":
+                    pf = NfProto.IPV4 if fam is Family.IPV4 else NfProto.IPV6
+                    link = Link.netfilter(prog.fd, pf, _CHAINS[table][chain], NF_PRIORITY[table])
+                elif self.hook == "tc":
+                    ifindex = socket_ifindex(self.iface)
+                    link = Link.tcx(prog.fd, ifindex, egress=chain == "OUTPUT")
+                else:
+                    link = Link.xdp(prog.fd, socket_ifindex(self.iface))
+                with link:
+                    link.pin(path)
+
+    def _detach(self, fam: Family, table: str, chain: str) -> None:
+        path = self._path(self._link_name(fam, table, chain))
+        if self.hook != "nf" and self._other_family_uses(fam, chain):
+            return
+        if os.path.exists(path):
+            with Link.open_pinned(path) as link, contextlib.suppress(BpfError):
+                link.detach()
+            unlink_quiet(path)
+
+    def _other_family_uses(self, fam: Family, chain: str) -> bool:
+        other = Family.IPV6 if fam is Family.IPV4 else Family.IPV4
+        rec = self._record(other, None)
+        return rec is not None and any(chain in tr.chains for tr in rec.tables.values())
+
+    # -- reading back ----------------------------------------------------------------------
+
+    def _active_gen(self, fam: Family) -> int | None:
+        path = self._path(D.GEN_MAP)
+        if not os.path.exists(path):
+            return None
+        with Map.open_pinned(path) as m:
+            words = struct.unpack("<II", m.lookup(b"\0\0\0\0") or bytes(8))
+        return words[D.family_index(fam)] & 1
+
+    def _record(self, fam: Family, gen: int | None) -> Record | None:
+        if gen is None:
+            gen = self._active_gen(fam)
+            if gen is None:
+                return None
+        path = self._path(f"meta.{fam.value}.{gen}")
+        if not os.path.exists(path):
+            return None
+        with Map.open_pinned(path) as m:
+            return read_record(m)
+
+    def loaded(self, fam: Family) -> Loaded | None:
+        """The active record of `fam` with per-slot counters summed over CPUs, or None."""
+        gen = self._active_gen(fam)
+        if gen is None:
+            return None
+        rec = self._record(fam, gen)
+        if rec is None:
+            return None
+        out = Loaded(rec)
+        for t, tr in rec.tables.items():
+            path = self._path(f"cnt.{fam.value}.{t}.{gen}")
+            if not os.path.exists(path):
+                continue
+            with Map.open_pinned(path) as m:
+                out.counters[t] = read_counters(m, len(tr.slots))
+        return out
+
+    def map_path(self, fam: Family, kind: str, table: str = "filter") -> str | None:
+        """Pin path of the active `cnt`/`trace` map of a table, if loaded."""
+        gen = self._active_gen(fam)
+        if gen is None:
+            return None
+        p = self._path(f"{kind}.{fam.value}.{table}.{gen}")
+        return p if os.path.exists(p) else None
+
+    # -- flush ---------------------------------------------------------------------------
+
+    def flush(self) -> bool:
+        """Detach and unpin everything at this hook; False if nothing was loaded."""
+        if not os.path.isdir(self.dir):
+            return False
+        with locked(self.dir):
+            for name in sorted(os.listdir(self.dir)):
+                path = self._path(name)
+                if name.startswith("link."):
+                    try:
+                        with Link.open_pinned(path) as link, contextlib.suppress(BpfError):
+                            link.detach()
+                    except OSError:
+                        pass
+                unlink_quiet(path)
+        with contextlib.suppress(OSError):
+            os.rmdir(self.dir)
+            os.rmdir(os.path.dirname(self.dir))
+        return True
+
+
+def read_counters(m: Map, n: int) -> list[Counters]:
+    """Per-slot counters summed over CPUs."""
+    out = []
+    for i in range(n):
+        vals = m.lookup_percpu(_u32(i)) or []
+        p = b = 0
+        for v in vals:
+            vp, vb = struct.unpack("<QQ", v)
+            p += vp
+            b += vb
+        out.append(Counters(p, b))
+    return out
+
+
+def _seed_counters(m: Map, ct: CompiledTable) -> None:
+    """Start counters at the values the ruleset carries (restore -c)."""
+    t = ct.table
+    for s in ct.slots[1:]:
+        chain = t.chains[s.chain]
+        c = chain.counters if s.rule is None else chain.rules[s.rule - 1].counters
+        if c.packets or c.bytes:
+            per_cpu = [struct.pack("<QQ", c.packets, c.bytes)] + [bytes(16)] * (
+                _ncpu() - 1)
+            m.update(_u32(s.index), b"".join(per_cpu))
+
+
+def _ncpu() -> int:
+    from ..bpf.maps import possible_cpus
+
+    return possible_cpus()
+
+
+def _iface_mac(name: str) -> bytes | None:
+    """The MAC address of `name` in the current namespace (via its ioctl)."""
+    import fcntl
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            raw = fcntl.ioctl(s.fileno(), 0x8927, struct.pack("256s", name.encode()[:15]))
+        except OSError:
+            return None
+    return raw[18:24]  # SIOCGIFHWADDR: ifr_hwaddr.sa_data
+
+
+def _u32(v: int) -> bytes:
+    return struct.pack("<I", v)
+
+
+def socket_ifindex(name: str | None) -> int:
+    """ifindex of `name` in the current namespace."""
+    import socket
+
+    if not name:
+        raise RuntimeError_("no interface given")
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:
+        raise RuntimeError_(f"no interface {name!r} in this network namespace") from None

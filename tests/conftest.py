@@ -1,0 +1,117 @@
+"""Shared fixtures: kernel-test skipping, test namespaces, a veth topology, bpffs, cgroups.
+
+Everything a test creates is named with `helpers.names.unique_name()` (prefix + pid) and removed at
+teardown, also on failure; a session-end check deletes and reports anything left over.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+from helpers import cgroups, names
+from helpers import topology as topo_mod
+from helpers.kernel import cgroup2_mount, require_kernel, skip_reason
+
+from bpfilter import netns as netns_api
+from bpfilter.bpf.bpffs import mount_bpffs, umount
+
+# Tests using these fixtures touch the kernel whether or not they say so.
+KERNEL_FIXTURES = {"netns", "topology", "bpffs", "cgroup2"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark tests that need the kernel, and skip them with the reason when it is unavailable."""
+    for item in items:
+        if KERNEL_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.kernel)
+    kernel_items = [item for item in items if item.get_closest_marker("kernel")]
+    reason = skip_reason() if kernel_items else None
+    if reason:
+        for item in kernel_items:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _leftover_check() -> Iterator[None]:
+    """At session end, delete this run's leftover namespaces and cgroups, and fail if any."""
+    yield
+    left = [n for n in netns_api.list_names() if names.is_ours(n)]
+    for name in left:
+        netns_api.delete(name)
+    root = cgroup2_mount()
+    left_cg = []
+    if root and os.path.isdir(root):
+        left_cg = [d for d in os.listdir(root) if names.is_ours(d)]
+        for d in left_cg:
+            cgroups.remove(os.path.join(root, d))
+    if left or left_cg:
+        pytest.fail(f"tests left behind namespaces {left} and cgroups {left_cg} "
+                    "(deleted now): a fixture or test does not clean up", pytrace=False)
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    """A fresh named network namespace with `lo` up; deleted at teardown."""
+    require_kernel()
+    name = topo_mod.create_netns()
+    try:
+        yield name
+    finally:
+        topo_mod.delete_netns(name)
+
+
+@pytest.fixture
+def topology() -> Iterator[topo_mod.Topology]:
+    """Sender and receiver namespaces joined by a veth pair (IPv4 /24 and IPv6 /64)."""
+    require_kernel()
+    topo = topo_mod.create_topology()
+    try:
+        yield topo
+    finally:
+        topo_mod.destroy_topology(topo)
+
+
+# Iterators the kernel's bpf_preload puts in every bpffs root; they go with the mount.
+PRELOADED = {"maps.debug", "progs.debug"}
+
+
+def _empty(path: str) -> None:
+    for root, dirs, files in os.walk(path, topdown=False):
+        for f in files:
+            if root == path and f in PRELOADED:
+                continue
+            os.unlink(os.path.join(root, f))
+        for d in dirs:
+            os.rmdir(os.path.join(root, d))
+
+
+@pytest.fixture
+def bpffs(tmp_path) -> Iterator[str]:
+    """A private bpffs mount in a temporary directory; unpinned, unmounted and removed after."""
+    require_kernel()
+    path = str(tmp_path / "bpffs")
+    mount_bpffs(path)
+    try:
+        yield path
+    finally:
+        try:
+            _empty(path)  # unpin first: a pinned link would otherwise outlive the test
+        finally:
+            umount(path)
+            os.rmdir(path)
+
+
+@pytest.fixture
+def cgroup2() -> Iterator[str]:
+    """A fresh child cgroup of the cgroup v2 mount (never the root cgroup); removed after."""
+    require_kernel()
+    root = cgroup2_mount()
+    if root is None:
+        pytest.skip("kernel test: no cgroup v2 mount")
+    path = cgroups.create(root, names.unique_name("c"))
+    try:
+        yield path
+    finally:
+        cgroups.remove(path)

@@ -1,0 +1,1 @@
+"""Helpers the test suite shares: names, namespaces and topologies, packets, programs."""
