@@ -296,6 +296,19 @@ def test_comments_attach_to_next_instruction() -> None:
     assert p.comments == {0: ["first", "second"], 2: ["before jump"], 3: ["before ld"]}
 
 
+def test_assemble_twice_gives_the_same_program() -> None:
+    a = Assembler()
+    lab = a.label("l")
+    a.goto(lab)
+    a.comment("unreachable")  # the instruction goes, its comment stays with what follows
+    a.emit(FILLER)
+    a.place(lab)
+    a.emit(I.exit_())
+    first, second = a.assemble(), a.assemble()
+    assert first == second
+    assert first.comments == {1: ["unreachable"]}
+
+
 def test_dangling_comment() -> None:
     a = Assembler()
     a.emit(I.exit_())

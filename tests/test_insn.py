@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bpfilter.bpf import insn as I
+from bpfilter.bpf.asm import Assembler
 from bpfilter.bpf.consts import ProgType
 from bpfilter.bpf.insn import (
     DW,
@@ -25,6 +26,7 @@ from bpfilter.bpf.insn import (
     R5,
     R6,
     R7,
+    R9,
     R10,
     AluOp,
     Atomic,
@@ -61,7 +63,7 @@ ENCODINGS = [
     (I.alu64(AluOp.SUB, R1, R2, reg=True), "1f 21 00 00 00 00 00 00"),
     (I.alu32(AluOp.MUL, R1, 3, reg=False), "24 01 00 00 03 00 00 00"),
     (I.alu32(AluOp.DIV, R1, R2, reg=True), "3c 21 00 00 00 00 00 00"),
-    (I.alu64(AluOp.OR, R9 := 9, 0x100, reg=False), "47 09 00 00 00 01 00 00"),
+    (I.alu64(AluOp.OR, R9, 0x100, reg=False), "47 09 00 00 00 01 00 00"),
     (I.alu32(AluOp.AND, R1, R9, reg=True), "5c 91 00 00 00 00 00 00"),
     (I.alu64(AluOp.LSH, R1, 32, reg=False), "67 01 00 00 20 00 00 00"),
     (I.alu64(AluOp.RSH, R1, R2, reg=True), "7f 21 00 00 00 00 00 00"),
@@ -343,8 +345,6 @@ SLOTS = 64  # u64 result slots per program
 def _run(build, inputs: list[int], *, prog_type: ProgType = ProgType.SOCKET_FILTER,
          data: bytes = bytes(64)) -> tuple[list[int], int]:
     """Assemble `build(a)` (r6 = &inputs[0], r7 = &out[0]), run it once; (outputs, retval)."""
-    from bpfilter.bpf.asm import Assembler
-
     spec_in = MapSpec(MapType.ARRAY, 4, 8 * len(inputs), 1, name="insn_in")
     spec_out = MapSpec(MapType.ARRAY, 4, 8 * SLOTS, 1, name="insn_out")
     with Map.create(spec_in) as m_in, Map.create(spec_out) as m_out:
@@ -414,7 +414,7 @@ def test_kernel_alu_semantics(a: int, b: int, s: int) -> None:
     cases = _alu_cases()
     assert len(cases) <= SLOTS
 
-    def build(asm) -> None:
+    def build(asm: Assembler) -> None:
         for n, (op, signed, is64, reg, imm) in enumerate(cases):
             make = I.alu64 if is64 else I.alu32
             # Shifts by a register take the (in-range) amount s instead of b.
@@ -441,7 +441,7 @@ def test_kernel_jump_semantics(a: int, b: int) -> None:
     cases = [(op, is64, reg) for op in JMP_OPCODES for is64 in (True, False)
              for reg in (True, False) if reg or imm is not None]
 
-    def build(asm) -> None:
+    def build(asm: Assembler) -> None:
         asm.emit(I.ldx(DW, R1, R6, 0), I.ldx(DW, R2, R6, 8), I.mov64_imm(R3, 0))
         for n, (op, is64, reg) in enumerate(cases):
             make = I.jmp if is64 else I.jmp32
@@ -461,8 +461,10 @@ def test_kernel_jump_semantics(a: int, b: int) -> None:
 @pytest.mark.kernel
 def test_kernel_memory_atomics_and_v4_forms() -> None:
     """Loads/stores of every size, atomics, byte swaps, sign extension, gotol and may_goto."""
-    def build(a) -> None:
-        st_ = lambda n, r: a.emit(I.stx(DW, R7, r, 8 * n))  # noqa: E731
+    def build(a: Assembler) -> None:
+        def st_(n: int, reg: int) -> None:
+            a.emit(I.stx(DW, R7, reg, 8 * n))
+
         a.emit(I.ldx(DW, R5, R6, 0))  # 0x8182838485868788 (unknown to the verifier)
         # 0-3: stores of each size, read back with loads of each size
         a.emit(I.st(DW, FP, -8, -2), I.ldx(DW, R1, FP, -8))
@@ -521,7 +523,9 @@ def test_kernel_memory_atomics_and_v4_forms() -> None:
 
     v = 0x8182838485868788
     out, _ = _run(build, [v, 0])
-    s64 = lambda x: x & U64  # noqa: E731
+    def s64(x: int) -> int:
+        return x & U64
+
     assert out[0] == s64(-2)  # ST DW sign-extends its imm
     # fp-16: 88 87 | ff 7f (st H) | 88 (stx B over 7f) | 84 83 82 81
     assert out[1] == 0x81828384_88FF8788
@@ -542,7 +546,7 @@ def test_kernel_legacy_packet_loads() -> None:
     # A socket filter's test run pulls the Ethernet header: offsets count from the IP header.
     eth = 14
 
-    def build(a) -> None:
+    def build(a: Assembler) -> None:
         a.emit(I.mov64(R6, R1))  # LD_ABS/LD_IND take the skb from r6
         a.emit(I.ld_abs(H, 12), I.stx(DW, R7, R0, 0))
         a.emit(I.ld_abs(W, 20), I.stx(DW, R7, R0, 8))

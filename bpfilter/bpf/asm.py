@@ -253,6 +253,7 @@ class Assembler:
         Paths start at the entry and at every subprogram; a raw jump instruction (an offset
         rather than a label) makes the analysis impossible, so then nothing is dropped.
         """
+        items = list(items)  # comments move below; the assembler's own list stays as emitted
         where: dict[int, int] = {}
         for n, (item, _, _) in enumerate(items):
             if isinstance(item, _Place):

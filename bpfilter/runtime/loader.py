@@ -340,6 +340,25 @@ class Runtime:
                 out.counters[t] = read_counters(m, len(tr.slots))
         return out
 
+    def program_stats(self, fam: Family) -> dict[tuple[str, str], dict[str, int]]:
+        """Kernel statistics of each loaded program of `fam`, by (table, chain)."""
+        gen = self._active_gen(fam)
+        path = self._path(D.PROGS_MAP)
+        if gen is None or not os.path.exists(path):
+            return {}
+        out: dict[tuple[str, str], dict[str, int]] = {}
+        with Map.open_pinned(path) as progs:
+            for t, c in D.TABLE_CHAINS:
+                raw = progs.lookup(_u32(gen * D.GEN_STRIDE + D.slot_id(fam, t, c)))
+                if raw is None:
+                    continue
+                with Prog.from_id(int.from_bytes(raw, "little")) as p:
+                    info = p.info()
+                    out[(t, c)] = {"prog_id": info.id, "verified_insns": info.verified_insns,
+                                   "xlated_insns": info.xlated_prog_len // 8,
+                                   "jited_bytes": info.jited_prog_len}
+        return out
+
     def map_path(self, fam: Family, kind: str, table: str = "filter") -> str | None:
         """Pin path of the active `cnt`/`trace` map of a table, if loaded."""
         gen = self._active_gen(fam)

@@ -1,0 +1,205 @@
+"""What each `bpfilter` subcommand does."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from ..bpf.prog import VerifierError
+from ..bpf.syscall import BpfError
+from ..compiler.validate import CompileError
+from ..ir.model import Counters, Family, Ruleset
+from ..matches.registry import MatchError
+from ..runtime.loader import Loaded, Runtime, RuntimeError_
+from .pcap import PcapError
+
+
+class UserError(Exception):
+    """An error to report in one line (or a few, for verifier logs) without a traceback."""
+
+
+def _family(args: argparse.Namespace) -> Family:
+    return Family.IPV6 if getattr(args, "ipv6", False) else Family.IPV4
+
+
+def _read(path: str) -> tuple[str, str]:
+    if path == "-":
+        return sys.stdin.read(), "<stdin>"
+    try:
+        with open(path) as f:
+            return f.read(), path
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+
+
+def parse_file(path: str, family: Family) -> tuple[Ruleset, str]:
+    """Parse an iptables-save file; returns the ruleset and its canonical text."""
+    from ..frontends.iptables.parser import ParseError, parse
+    from ..frontends.iptables.saver import save
+
+    text, name = _read(path)
+    try:
+        rs = parse(text, family=family, filename=name)
+    except ParseError as e:
+        raise UserError(str(e)) from None
+    rs.source = os.path.abspath(path) if path != "-" else None
+    return rs, save(rs)
+
+
+def _runtime(args: argparse.Namespace, hook: str | None = None) -> Runtime:
+    try:
+        return Runtime(hook or args.hook, netns_name=args.netns, iface=getattr(args, "iface", None),
+                       root=args.bpffs)
+    except RuntimeError_ as e:
+        raise UserError(str(e)) from None
+
+
+def _loaded_ruleset(rt: Runtime, fam: Family) -> tuple[Ruleset, Loaded]:
+    """The loaded ruleset of `fam`, with its counters filled in."""
+    from ..frontends.iptables.parser import parse
+
+    loaded = rt.loaded(fam)
+    if loaded is None:
+        raise UserError(f"no {fam.value} ruleset is loaded at hook {rt.hook}"
+                        + (f" of namespace {rt.netns_name}" if rt.netns_name else ""))
+    rs = parse(loaded.record.text, family=fam, filename="<loaded>")
+    for tname, tr in loaded.record.tables.items():
+        counts = loaded.counters.get(tname)
+        table = rs.tables.get(tname)
+        if counts is None or table is None:
+            continue
+        for i, (chain, rule) in enumerate(tr.slots):
+            if not chain:
+                continue
+            c = table.chains[chain]
+            if rule is None:
+                c.counters = counts[i]
+            else:
+                c.rules[rule - 1].counters = counts[i]
+    return rs, loaded
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    """Compile, load and attach (or with --test only compile and verify)."""
+    fam = _family(args)
+    rs, text = parse_file(args.file, fam)
+    if args.test:
+        from ..runtime.checker import Checker
+
+        for tname, table in rs.tables.items():
+            for chain in table.chains.values():
+                if chain.builtin and (chain.rules or chain.policy != "ACCEPT"):
+                    with Checker(rs, chain=chain.name, table=tname, hook=args.hook,
+                                 iif=args.iface):
+                        pass
+        return 0
+    rt = _runtime(args)
+    rt.restore(rs, text=text, counters=args.counters)
+    return 0
+
+
+def cmd_save(args: argparse.Namespace) -> int:
+    """Print what is loaded in iptables-save format."""
+    from ..frontends.iptables.saver import save
+
+    rs, _ = _loaded_ruleset(_runtime(args), _family(args))
+    sys.stdout.write(save(rs, counters=args.counters))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """Print rules like `iptables -L`."""
+    from .listing import list_table
+
+    rs, _ = _loaded_ruleset(_runtime(args), _family(args))
+    table = rs.tables.get(args.table)
+    if table is None:
+        raise UserError(f"table {args.table!r} is not loaded")
+    if args.chain and args.chain not in table.chains:
+        raise UserError(f"chain {args.chain!r} does not exist")
+    sys.stdout.write(list_table(table, rs.family, chain=args.chain, verbose=args.verbose,
+                                exact=args.exact, numeric=args.numeric,
+                                line_numbers=args.line_numbers))
+    return 0
+
+
+def cmd_flush(args: argparse.Namespace) -> int:
+    """Detach and unpin everything at the hook (all hooks unless --hook was given)."""
+    from .. import netns
+    from ..runtime.state import bpffs_root
+
+    hooks = ["nf"]
+    if args.iface:
+        hooks = [args.hook]
+    root = args.bpffs or bpffs_root()
+    base = os.path.join(root, netns.ns_id(args.netns))
+    dirs = sorted(os.listdir(base)) if os.path.isdir(base) else []
+    explicit = "--hook" in sys.argv or args.iface
+    for d in dirs:
+        hook, _, iface = d.partition("@")
+        if explicit and not args.all_hooks and (hook not in hooks or
+                                                (args.iface and iface != args.iface)):
+            continue
+        Runtime(hook, netns_name=args.netns, iface=iface or None, root=root).flush()
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Run a pcap through the compiled chain and print each packet's verdict and rule."""
+    from ..runtime.checker import Checker
+    from .pcap import read_pcap
+
+    fam = _family(args)
+    rs, _ = parse_file(args.file, fam)
+    frames = read_pcap(args.pcap)
+    with Checker(rs, chain=args.chain, table=args.table, hook=args.hook, iif=args.iif,
+                 oif=args.oif) as chk:
+        for n, frame in enumerate(frames, 1):
+            r = chk.run(frame)
+            if args.json:
+                print(json.dumps({"packet": n, "verdict": r.verdict, "chain": r.chain,
+                                  "rule": r.rule}))
+            else:
+                who = (f"{r.chain} rule {r.rule}" if r.rule is not None
+                       else f"{r.chain} policy" if r.chain else "not covered by the ruleset")
+                print(f"packet {n}: {r.verdict:6s} {who}")
+    return 0
+
+
+def cmd_dump(args: argparse.Namespace) -> int:
+    """Print the programs (loaded, or compiled from --file) as annotated assembly."""
+    from .dump import dump
+
+    fam = _family(args)
+    if args.file:
+        rs, _ = parse_file(args.file, fam)
+        loaded = None
+    else:
+        rs, loaded = _loaded_ruleset(_runtime(args), fam)
+    sys.stdout.write(dump(rs, args.hook, getattr(args, "iface", None),
+                          _runtime(args) if loaded else None, as_json=args.json))
+    return 0
+
+
+COMMANDS = {"restore": cmd_restore, "save": cmd_save, "list": cmd_list, "flush": cmd_flush,
+            "check": cmd_check, "dump": cmd_dump}
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed command, turning known errors into UserError."""
+    try:
+        return COMMANDS[args.command](args)
+    except (CompileError, MatchError, RuntimeError_, PcapError) as e:
+        raise UserError(str(e)) from None
+    except VerifierError as e:
+        raise UserError(str(e)) from None
+    except BpfError as e:
+        hint = " (are you root?)" if e.errno in (1, 13) else ""
+        raise UserError(f"{e}{hint}") from None
+    except PermissionError as e:
+        raise UserError(f"{e} (are you root?)") from None
+
+
+__all__ = ["Counters", "UserError", "run"]
