@@ -33,6 +33,7 @@ from .state import (
     bpffs_root,
     hook_dir_name,
     locked,
+    pin_name,
     read_record,
     unlink_quiet,
     write_record,
@@ -179,7 +180,7 @@ class Runtime:
                     tname = ct.table.name
                     tmaps = {k: Map.create(spec) for k, spec in ct.maps.items()}
                     for k, m in tmaps.items():
-                        maps[f"{'cnt' if k == COUNTERS else 'trace'}.{fam.value}.{tname}"] = m
+                        maps[pin_name("cnt" if k == COUNTERS else "trace", fam.value, tname)] = m
                     if counters:
                         _seed_counters(tmaps[COUNTERS], ct)
                     fds = {k: m.fd for k, m in tmaps.items()}
@@ -192,7 +193,7 @@ class Runtime:
                                                 list(ct.programs))
                 record = Record(fam.value, self.hook, self.iface, text, tables, rs.source)
                 meta = write_record(record, f"bpf_meta{fi}{new}")
-                maps[f"meta.{fam.value}"] = meta
+                maps[pin_name("meta", fam.value)] = meta
                 # Fill the new generation: chain programs, and neutral ones where a hook that
                 # stays attached has no chain in the new ruleset.
                 base = new * D.GEN_STRIDE
@@ -209,7 +210,7 @@ class Runtime:
                         progs.update(slot, _u32(neutral.fd))
                     self._attach(fam, t, c)
                 for name, m in maps.items():
-                    path = self._path(f"{name}.{new}")
+                    path = self._path(pin_name(name, str(new)))
                     unlink_quiet(path)
                     m.pin(path)
                 # The switch.
@@ -227,7 +228,7 @@ class Runtime:
                 with contextlib.suppress(OSError):
                     progs.delete(_u32(cur * D.GEN_STRIDE + D.slot_id(fam, t, c)))
             for name in os.listdir(self.dir):
-                if name.endswith(f".{cur}") and f".{fam.value}" in name:
+                if name.endswith(f"_{cur}") and f"_{fam.value}_" in name:
                     unlink_quiet(self._path(name))
             for t, c in self._attached_hooks(fam) - wanted:
                 self._detach(fam, t, c)
@@ -238,10 +239,10 @@ class Runtime:
 
     def _link_name(self, fam: Family, table: str, chain: str) -> str:
         if self.hook == "nf":
-            return f"link.{fam.value}.{table}.{chain}"
+            return pin_name("link", fam.value, table, chain)
         if self.hook == "tc":
-            return "link.egress" if chain == "OUTPUT" else "link.ingress"
-        return "link.xdp"
+            return "link_egress" if chain == "OUTPUT" else "link_ingress"
+        return "link_xdp"
 
     def _attached_hooks(self, fam: Family) -> set[tuple[str, str]]:
         """(table, chain) pairs of `fam` whose dispatcher is attached."""
@@ -276,15 +277,19 @@ class Runtime:
         with gen_map, progs:
             insns = disp.resolve({D.GEN_MAP: gen_map.fd, D.PROGS_MAP: progs.fd})
             with Prog.load(fl.prog_type, insns, name=f"bpf_disp_{chain.lower()}"[:15],
-                           attach_type=fl.attach_type, source=disp) as prog, self._enter():
-                if self.hook == "nf":
-                    pf = NfProto.IPV4 if fam is Family.IPV4 else NfProto.IPV6
-                    link = Link.netfilter(prog.fd, pf, _CHAINS[table][chain], NF_PRIORITY[table])
-                elif self.hook == "tc":
-                    ifindex = socket_ifindex(self.iface)
-                    link = Link.tcx(prog.fd, ifindex, egress=chain == "OUTPUT")
-                else:
-                    link = Link.xdp(prog.fd, socket_ifindex(self.iface))
+                           attach_type=fl.attach_type, source=disp) as prog:
+                # Links bind to the namespace of the caller; pinning must happen back home
+                # (the kernel refuses pins from a thread that moved into another namespace).
+                with self._enter():
+                    if self.hook == "nf":
+                        pf = NfProto.IPV4 if fam is Family.IPV4 else NfProto.IPV6
+                        link = Link.netfilter(prog.fd, pf, _CHAINS[table][chain],
+                                              NF_PRIORITY[table])
+                    elif self.hook == "tc":
+                        link = Link.tcx(prog.fd, socket_ifindex(self.iface),
+                                        egress=chain == "OUTPUT")
+                    else:
+                        link = Link.xdp(prog.fd, socket_ifindex(self.iface))
                 with link:
                     link.pin(path)
 
@@ -317,7 +322,7 @@ class Runtime:
             gen = self._active_gen(fam)
             if gen is None:
                 return None
-        path = self._path(f"meta.{fam.value}.{gen}")
+        path = self._path(pin_name("meta", fam.value, str(gen)))
         if not os.path.exists(path):
             return None
         with Map.open_pinned(path) as m:
@@ -333,7 +338,7 @@ class Runtime:
             return None
         out = Loaded(rec)
         for t, tr in rec.tables.items():
-            path = self._path(f"cnt.{fam.value}.{t}.{gen}")
+            path = self._path(pin_name("cnt", fam.value, t, str(gen)))
             if not os.path.exists(path):
                 continue
             with Map.open_pinned(path) as m:
@@ -364,7 +369,7 @@ class Runtime:
         gen = self._active_gen(fam)
         if gen is None:
             return None
-        p = self._path(f"{kind}.{fam.value}.{table}.{gen}")
+        p = self._path(pin_name(kind, fam.value, table, str(gen)))
         return p if os.path.exists(p) else None
 
     # -- flush ---------------------------------------------------------------------------
@@ -376,7 +381,7 @@ class Runtime:
         with locked(self.dir):
             for name in sorted(os.listdir(self.dir)):
                 path = self._path(name)
-                if name.startswith("link."):
+                if name.startswith("link_"):
                     try:
                         with Link.open_pinned(path) as link, contextlib.suppress(BpfError):
                             link.detach()

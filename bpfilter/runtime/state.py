@@ -3,9 +3,11 @@
     <root>/<netns id>/<hook>[@<iface>]/
         gen                 array map: the active generation of each family
         progs               prog array: gen * 64 + family * 32 + chain slot
-        link.<...>          the attached dispatchers' links
-        meta.<fam>.<gen>    array map holding the record below (compressed JSON, in chunks)
-        cnt.<fam>.<table>.<gen>, trace.<fam>.<table>.<gen>
+        link_<...>          the attached dispatchers' links
+        meta_<fam>_<gen>    array map holding the record below (compressed JSON, in chunks)
+        cnt_<fam>_<table>_<gen>, trace_<fam>_<table>_<gen>
+
+(bpffs reserves names with dots, hence the underscores.)
 
 The record holds the ruleset in iptables-save form plus each table's slot table, so any later
 command (save, list, check) rebuilds what is loaded from bpffs alone.
@@ -31,6 +33,11 @@ CHUNK = 32 * 1024
 def bpffs_root() -> str:
     """The pin root: $BPFILTER_BPFFS, else /sys/fs/bpf/pybpfilter."""
     return os.environ.get("BPFILTER_BPFFS", DEFAULT_ROOT)
+
+
+def pin_name(*parts: str) -> str:
+    """A pin name from its parts (bpffs refuses dots in names)."""
+    return "_".join(parts)
 
 
 def hook_dir_name(hook: str, iface: str | None) -> str:

@@ -50,8 +50,8 @@ class EthernetFlavour(Flavour):
         a.emit(I.mov64_imm(I.R7, 0))
         self.emit_load(a, I.R7, SCRATCH, 14)
         a.jump(JmpOp.JNE, I.R0, 0, on_pass)
-        a.emit(I.ldx(I.W, I.R1, L.R_PKT, SCRATCH + 6), I.stx(I.W, L.R_PKT, I.R1, L.SMAC))
-        a.emit(I.ldx(I.H, I.R1, L.R_PKT, SCRATCH + 10), I.stx(I.H, L.R_PKT, I.R1, L.SMAC + 4))
+        for i in range(0, 6, 2):  # stack accesses must be aligned: the MAC sits at offset 6
+            a.emit(I.ldx(I.H, I.R1, L.R_PKT, SCRATCH + 6 + i), I.stx(I.H, L.R_PKT, I.R1, L.SMAC + i))
         self._emit_pkttype_from_dst(a)
         a.emit(I.ldx(I.H, I.R8, L.R_PKT, SCRATCH + 12))
         a.emit(I.mov64_imm(I.R7, 14))

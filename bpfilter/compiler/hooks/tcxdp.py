@@ -22,10 +22,14 @@ class TcFlavour(EthernetFlavour):
 
     name: str = "tc"
     prog_type: ProgType = ProgType.SCHED_CLS
-    attach_type: AttachType | None = AttachType.TCX_INGRESS
+    # Loaded without an expected attach type: tcx links do not need one, and one prog array
+    # holds the ingress and egress programs, which the kernel only allows when they agree.
+    attach_type: AttachType | None = None
 
-    def __post_init__(self) -> None:
-        self.attach_type = AttachType.TCX_EGRESS if self.egress else AttachType.TCX_INGRESS
+    @property
+    def link_attach_type(self) -> AttachType:
+        """The tcx side a link of this flavour attaches to."""
+        return AttachType.TCX_EGRESS if self.egress else AttachType.TCX_INGRESS
 
     def chains(self, table: str) -> dict[str, HookPoint]:
         """INPUT at tcx ingress, OUTPUT at tcx egress."""
