@@ -20,6 +20,7 @@ from ..bpf.maps import MapSpec
 from ..ir.model import ACCEPT, DROP, GOTO, JUMP, RETURN, Chain, ChainRef, Rule, Table
 from ..ir.pred import Field, Pred, TcpOption, all_of, fields_of
 from ..matches import REGISTRY, Context, MatchError
+from ..matches.ip import BUILTIN_ORDER
 from . import layout as L
 from .hooks.base import Flavour, HookPoint, Verdict
 from .parse import emit_parse
@@ -117,7 +118,11 @@ class TableCompiler:
         ctx = Context(self.fl.family, self.table.name, chain, None if inverted else proto,
                       inverted, self.fl.name)
         parts: list[Pred] = []
-        for m in rule.matches:
+        # ip_packet_match() tests the built-in part first (-s -d -i -o -p -f, in that order),
+        # then the matches in rule order; only the order of hotdrops depends on it.
+        order = {k: i for i, k in enumerate(BUILTIN_ORDER)}
+        builtins = sorted((m for m in rule.matches if m.kind in order), key=lambda m: order[m.kind])
+        for m in [*builtins, *(m for m in rule.matches if m.kind not in order)]:
             entry = REGISTRY.matches.get(m.kind)
             if entry is None:
                 raise CompileError(f"match {m.kind!r} is not supported", rule.origin)
