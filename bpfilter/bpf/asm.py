@@ -134,7 +134,11 @@ class Program:
 class Assembler:
     """Collects instructions and labels; `assemble()` resolves them into a `Program`."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, near: int = S16_MAX) -> None:
+        """`near`: the longest branch distance left in the 16-bit form. Programs the verifier
+        will rewrite (it inlines helper calls, growing the code) need headroom below 32767:
+        the verifier refuses to patch a branch whose distance then overflows."""
+        self.near = near
         self._items: list[tuple[object, Origin | None, list[str]]] = []
         self._placed: set[int] = set()
         self._used: set[int] = set()
@@ -313,7 +317,7 @@ class Assembler:
             for n, (item, _, _) in enumerate(items):
                 if isinstance(item, _Branch) and not item.long:
                     dist = pos[item.target.uid] - (addr[n] + 1)
-                    if not S16_MIN <= dist <= S16_MAX:
+                    if not -self.near - 1 <= dist <= self.near:
                         item.long = True
                         changed = True
             if not changed:

@@ -10,28 +10,47 @@ to the packet struct, and the epilogue publishes it with the verdict in the per-
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 from ..bpf import insn as I
 from ..bpf.asm import Assembler, Label, Origin, Program
 from ..bpf.consts import Helper, MapType
 from ..bpf.insn import AluOp, JmpOp
-from ..bpf.maps import MapSpec
+from ..bpf.maps import Map, MapSpec
 from ..ir.model import ACCEPT, DROP, GOTO, JUMP, RETURN, Chain, ChainRef, Rule, Table
 from ..ir.pred import Field, Pred, TcpOption, all_of, fields_of
 from ..matches import REGISTRY, Context, MatchError
 from ..matches.ip import BUILTIN_ORDER
 from . import layout as L
+from .classify.atoms import NotClassifiable, rule_entries
+from .classify.emit import NONE, emit_probe, group_maps
+from .classify.groups import Group, build_groups
 from .hooks.base import Flavour, HookPoint, Verdict
 from .parse import emit_parse
 from .predgen import PredGen, Unsupported
-from .validate import CompileError, call_depth, reachable
+from .validate import CompileError, always_decides, call_depth, reachable
 
 COUNTERS, TRACE = "counters", "trace"
 COUNTER_VALUE = 16  # {u64 packets, u64 bytes}
 TRACE_VALUE = 8  # {u32 slot, u32 verdict}
 PASSED = 3  # trace verdict: the ruleset did not apply (non-IP, other family)
 MAX_CALL_DEPTH = 7  # the verifier allows 8 frames; the main program is one
+NEAR_BRANCH = 8191  # longest 16-bit branch in generated code; longer ones use gotol
+MIN_SEGMENT = 16  # shorter runs of classifiable rules stay linear code (cheaper)
+# Action codes of classified rules (low byte; a chain index above it for jumps and gotos).
+ACT_ACCEPT, ACT_DROP, ACT_RETURN, ACT_JUMP, ACT_GOTO = 1, 2, 3, 4, 5
+
+
+@dataclass
+class Segment:
+    """A run of rules [start, end) (0-based) answered by the classifier."""
+
+    start: int
+    end: int
+    groups: list[Group]
+    actions: list[tuple[int, str | None]]  # per rule: (ACT_*, chain for jumps/gotos)
+    fields: set[Field]
 
 
 @dataclass(frozen=True)
@@ -62,7 +81,24 @@ class CompiledTable:
     flavour: Flavour
     programs: dict[str, CompiledProgram]
     slots: list[Slot]
-    maps: dict[str, MapSpec] = field(default_factory=dict)
+    maps: dict[Hashable, MapSpec] = field(default_factory=dict)
+    # Initial contents of maps that are not zero-filled (classifier tables, action arrays).
+    map_data: dict[Hashable, list[tuple[bytes, bytes]]] = field(default_factory=dict)
+
+    def create_maps(self) -> dict[Hashable, Map]:
+        """Create every map of the table and load the contents it starts with."""
+        made: dict[Hashable, Map] = {}
+        try:
+            for k, spec in self.maps.items():
+                m = made[k] = Map.create(spec)
+                data = self.map_data.get(k)
+                if data:
+                    _fill(m, data)
+        except Exception:
+            for m in made.values():
+                m.close()
+            raise
+        return made
 
     def slot_of(self, chain: str, rule: int | None) -> int:
         """The counter slot of a rule (or of a policy, rule None)."""
@@ -70,6 +106,15 @@ class CompiledTable:
             if s.chain == chain and s.rule == rule:
                 return s.index
         raise KeyError((chain, rule))
+
+
+def _fill(m: Map, data: list[tuple[bytes, bytes]]) -> None:
+    try:
+        for i in range(0, len(data), 4096):
+            m.update_batch(data[i : i + 4096])
+    except OSError:
+        for k, v in data:  # maps without batch support (LPM tries on some kernels)
+            m.update(k, v)
 
 
 def assign_slots(table: Table) -> list[Slot]:
@@ -101,6 +146,10 @@ class TableCompiler:
         self.slots = assign_slots(table)
         self._slot = {(s.chain, s.rule): s.index for s in self.slots}
         self._preds: dict[tuple[str, int], Pred] = {}
+        self.maps: dict[Hashable, MapSpec] = {}
+        self.map_data: dict[Hashable, list[tuple[bytes, bytes]]] = {}
+        self._segments: dict[str, dict[int, Segment]] = {}
+        self.min_segment = int(flavour.opts.get("min_segment", MIN_SEGMENT))
 
     # -- lowering ------------------------------------------------------------------------
 
@@ -165,17 +214,19 @@ class TableCompiler:
             if chain is None:
                 continue
             fl = self.fl.for_hook(hook)
-            prog = TableCompiler(self.table, fl)._program(chain)
+            prog = self._program(chain, fl)
             programs[name] = CompiledProgram(name, hook, prog, f"bpf_{name.lower()[:11]}", fl)
-        maps = {
+        maps: dict[Hashable, MapSpec] = {
             COUNTERS: MapSpec(MapType.PERCPU_ARRAY, 4, COUNTER_VALUE, max(len(self.slots), 1),
                               name="bpfilter_cnt"),
             TRACE: MapSpec(MapType.PERCPU_ARRAY, 4, TRACE_VALUE, 1, name="bpfilter_trace"),
+            **self.maps,
         }
-        return CompiledTable(self.table, self.fl, programs, self.slots, maps)
+        return CompiledTable(self.table, self.fl, programs, self.slots, maps, self.map_data)
 
-    def _program(self, chain: Chain) -> Program:
-        a = Assembler()
+    def _program(self, chain: Chain, fl: Flavour) -> Program:
+        # Headroom for the verifier's rewrites (inlined map lookups grow the code).
+        a = Assembler(near=NEAR_BRANCH)
         subs = reachable(self.table, chain)
         depth = call_depth(self.table, chain.name)
         if depth > MAX_CALL_DEPTH:
@@ -190,26 +241,38 @@ class TableCompiler:
                 needed |= fields_of(pred)
                 tcp_opts = tcp_opts or _uses(pred, TcpOption)
         verdict, passed = a.label("verdict"), a.label("pass")
-        with a.origin(Origin(f"prologue: parse the packet ({self.fl.name}, {chain.name})")):
-            emit_parse(a, self.fl, passed, tcp_options=tcp_opts)
-            self.fl.emit_meta(a, needed)
+        for c in [chain.name, *subs]:
+            for seg in self.segments(self.table.chains[c]).values():
+                needed |= seg.fields
+        classified = any(self.segments(self.table.chains[c]) for c in [chain.name, *subs])
+        with a.origin(Origin(f"prologue: parse the packet ({fl.name}, {chain.name})")):
+            emit_parse(a, fl, passed, tcp_options=tcp_opts, packet_class=classified)
+            fl.emit_meta(a, needed)
         labels = {c: a.label(f"chain_{c}") for c in subs}
-        self._chain_body(a, chain, labels, verdict, main=True)
+        self._chain_body(a, chain, labels, verdict, fl, main=True)
         with a.origin(Origin("epilogue: publish the decision, return the verdict")):
             self._epilogue(a, verdict, passed)
         for c in subs:
             with a.origin(Origin(f"user chain {c}", c)):
                 a.place(labels[c])
                 a.emit(I.mov64(L.R_PKT, I.R1))
-            self._chain_body(a, self.table.chains[c], labels, verdict, main=False)
+            self._chain_body(a, self.table.chains[c], labels, verdict, fl, main=False)
         return a.assemble()
 
     def _chain_body(self, a: Assembler, chain: Chain, labels: dict[str, Label], verdict: Label,
-                    *, main: bool) -> None:
+                    fl: Flavour, *, main: bool) -> None:
         policy = a.label("policy")
-        static = self.fl.static_fields()
-        gen = PredGen(a, self.fl.family, static)
-        for n, rule in enumerate(chain.rules, 1):
+        gen = PredGen(a, fl.family, fl.static_fields())
+        segments = self.segments(chain)
+        i = 0
+        while i < len(chain.rules):
+            seg = segments.get(i)
+            if seg is not None:
+                self._segment(a, chain, seg, labels, verdict, policy, fl, main=main)
+                i = seg.end
+                continue
+            n, rule = i + 1, chain.rules[i]
+            i += 1
             slot = self._slot[(chain.name, n)]
             with a.origin(_origin(chain.name, n, rule)):
                 nxt, hotdrop = a.label("next"), a.label("hotdrop")
@@ -236,6 +299,137 @@ class TableCompiler:
         else:
             with a.origin(Origin(f"end of user chain {chain.name}: return", chain.name)):
                 a.emit(I.mov64_imm(I.R0, Verdict.CONTINUE), I.exit_())
+
+    # -- classified segments -------------------------------------------------------------
+
+    def _action(self, rule: Rule) -> tuple[int, str | None] | None:
+        """The action of a rule the classifier may decide on, None if it must stay linear."""
+        t = rule.target
+        if t is None:
+            return None  # a counting rule: traversal goes on after it
+        if t.kind == ACCEPT:
+            return ACT_ACCEPT, None
+        if t.kind == DROP:
+            return ACT_DROP, None
+        if t.kind == RETURN:
+            return ACT_RETURN, None
+        if t.kind == GOTO:
+            return ACT_GOTO, t.params.chain
+        if t.kind == JUMP and always_decides(self.table, t.params.chain):
+            return ACT_JUMP, t.params.chain
+        return None
+
+    def segments(self, chain: Chain) -> dict[int, Segment]:
+        """Runs of at least `min_segment` classifiable rules, by start index."""
+        if chain.name in self._segments:
+            return self._segments[chain.name]
+        out: dict[int, Segment] = {}
+        run: list[tuple[int, list, tuple[int, str | None]]] = []
+
+        def close() -> None:
+            if len(run) >= self.min_segment:
+                start = run[0][0]
+                groups = build_groups([e for _, e, _ in run])
+                fields = {f for g in groups for f, _ in g.fields}
+                fields |= {g.lpm_field for g in groups if g.lpm_field is not None}
+                out[start] = Segment(start, start + len(run), groups, [x for _, _, x in run],
+                                     fields)
+            run.clear()
+
+        for i, rule in enumerate(chain.rules):
+            action = self._action(rule)
+            entries = None
+            if action is not None:
+                try:
+                    entries = rule_entries(self.rule_pred(chain.name, i + 1, rule), self.fl.family)
+                except NotClassifiable:
+                    entries = None
+            if entries is None or action is None:
+                close()
+                continue
+            run.append((i, entries, action))
+        close()
+        self._segments[chain.name] = out
+        return out
+
+    def _segment(self, a: Assembler, chain: Chain, seg: Segment, labels: dict[str, Label],
+                 verdict: Label, policy: Label, fl: Flavour, *, main: bool) -> None:
+        base = self._slot[(chain.name, seg.start + 1)]
+        key = ("cls", chain.name, seg.start)
+        sm = group_maps(key, seg.groups)
+        self.maps.update(sm.specs)
+        self.map_data.update(sm.data)
+        end = a.label("seg_end")
+        text = (f"{chain.name} #{seg.start + 1}-#{seg.end}: classifier over "
+                f"{seg.end - seg.start} rules, {len(seg.groups)} lookups")
+        with a.origin(Origin(text, chain.name, seg.start + 1)):
+            emit_probe(a, seg.groups, lambda i: (*key, i), fl.family)
+            a.jump(JmpOp.JEQ, I.R8, _s32(NONE), end, wide=True)
+            a.emit(I.mov32(I.R7, I.R8), I.alu32(AluOp.RSH, I.R7, 1, reg=False))
+            n = seg.end - seg.start
+            a.jump(JmpOp.JGE, I.R7, n, end)  # never: bounds r7 for the verifier
+            hot = a.label("seg_hotdrop")
+            a.jump(JmpOp.JSET, I.R8, 1, hot)
+            a.emit(I.mov64(I.R1, I.R7), I.alu64(AluOp.ADD, I.R1, base, reg=False))
+            _count_reg(a, I.R1)
+            kinds = sorted(set(seg.actions))
+            if len(kinds) == 1:
+                self._act(a, kinds[0], base, labels, verdict, policy, end, main=main)
+            else:
+                akey = ("act", chain.name, seg.start)
+                self.maps[akey] = MapSpec(MapType.ARRAY, 4, 4 * n, 1, name="bpfilter_act")
+                ids = {c: i for i, c in enumerate(sorted({c for _, c in kinds if c}))}
+                table = b"".join((k | (ids[c] << 8 if c else 0)).to_bytes(4, "little")
+                                 for k, c in seg.actions)
+                self.map_data[akey] = [(bytes(4), table)]
+                a.ld_map_value(I.R1, akey, 0)
+                a.emit(I.mov64(I.R2, I.R7), I.alu64(AluOp.LSH, I.R2, 2, reg=False))
+                a.emit(I.alu64(AluOp.ADD, I.R1, I.R2, reg=True), I.ldx(I.W, I.R1, I.R1, 0))
+                a.emit(I.mov64(I.R2, I.R1), I.alu32(AluOp.AND, I.R2, 0xFF, reg=False))
+                for kind, chain_name in kinds:
+                    skip = a.label("act")
+                    a.jump(JmpOp.JNE, I.R2, kind, skip)
+                    if chain_name is not None:
+                        a.emit(I.mov64(I.R3, I.R1), I.alu32(AluOp.RSH, I.R3, 8, reg=False))
+                        a.jump(JmpOp.JNE, I.R3, ids[chain_name], skip)
+                    self._act(a, (kind, chain_name), base, labels, verdict, policy, end,
+                              main=main)
+                    a.place(skip)
+                a.goto(end)  # an action code this segment does not have: cannot happen
+            a.place(hot)
+            _decide_reg(a, base)
+            _finish(a, Verdict.DROP, verdict, main)
+        a.place(end)
+
+    def _act(self, a: Assembler, action: tuple[int, str | None], base: int,
+             labels: dict[str, Label], verdict: Label, policy: Label, end: Label, *,
+             main: bool) -> None:
+        """The action of the rule in r7 (its slot is base + r7)."""
+        kind, chain = action
+        if kind in (ACT_ACCEPT, ACT_DROP):
+            _decide_reg(a, base)
+            _finish(a, Verdict.ACCEPT if kind == ACT_ACCEPT else Verdict.DROP, verdict, main)
+        elif kind == ACT_RETURN:
+            if main:
+                a.goto(policy)
+            else:
+                a.emit(I.mov64_imm(I.R0, Verdict.CONTINUE), I.exit_())
+        else:
+            assert chain is not None
+            a.emit(I.mov64(I.R1, L.R_PKT))
+            a.call(labels[chain])
+            if kind == ACT_GOTO and not main:
+                a.emit(I.exit_())
+                return
+            if main:
+                a.jump(JmpOp.JNE, I.R0, Verdict.CONTINUE, verdict)
+                a.goto(policy if kind == ACT_GOTO else end)
+            else:
+                cont = a.label("cont")
+                a.jump(JmpOp.JEQ, I.R0, Verdict.CONTINUE, cont)
+                a.emit(I.exit_())
+                a.place(cont)
+                a.goto(end)
 
     def _target(self, a: Assembler, rule: Rule, slot: int, labels: dict[str, Label],
                 verdict: Label, policy: Label, *, main: bool) -> None:
@@ -324,6 +518,32 @@ def _count(a: Assembler, slot: int) -> None:
     a.emit(I.ldx(I.H, I.R1, L.R_PKT, L.IPLEN), I.ldx(I.DW, I.R2, I.R0, 8),
            I.alu64(AluOp.ADD, I.R2, I.R1, reg=True), I.stx(I.DW, I.R0, I.R2, 8))
     a.place(skip)
+
+
+def _count_reg(a: Assembler, reg: int) -> None:
+    """Like _count, for the slot held in `reg` (clobbers r1-r5)."""
+    skip = a.label("nocount")
+    a.emit(I.stx(I.W, I.R10, reg, L.KEY_OFF))
+    a.emit(I.mov64(I.R2, I.R10), I.alu64(AluOp.ADD, I.R2, L.KEY_OFF, reg=False))
+    a.ld_map(I.R1, COUNTERS)
+    a.emit(I.call_helper(Helper.map_lookup_elem))
+    a.jump(JmpOp.JEQ, I.R0, 0, skip)
+    a.emit(I.ldx(I.DW, I.R1, I.R0, 0), I.alu64(AluOp.ADD, I.R1, 1, reg=False),
+           I.stx(I.DW, I.R0, I.R1, 0))
+    a.emit(I.ldx(I.H, I.R1, L.R_PKT, L.IPLEN), I.ldx(I.DW, I.R2, I.R0, 8),
+           I.alu64(AluOp.ADD, I.R2, I.R1, reg=True), I.stx(I.DW, I.R0, I.R2, 8))
+    a.place(skip)
+
+
+def _decide_reg(a: Assembler, base: int) -> None:
+    """Decider = base + r7."""
+    a.emit(I.mov64(I.R1, I.R7), I.alu64(AluOp.ADD, I.R1, base, reg=False))
+    a.emit(I.stx(I.W, L.R_PKT, I.R1, L.DECIDER))
+
+
+def _s32(v: int) -> int:
+    v &= 0xFFFFFFFF
+    return v - (1 << 32) if v >= 1 << 31 else v
 
 
 def _decide(a: Assembler, slot: int) -> None:

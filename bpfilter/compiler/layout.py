@@ -17,7 +17,7 @@ from ..ir.pred import Field
 
 DYNPTR_OFF = -16
 KEY_OFF = -24
-PKT_SIZE = 192
+PKT_SIZE = 304
 PKT_OFF = KEY_OFF - PKT_SIZE  # from r10
 
 # Offsets inside the packet struct.
@@ -37,8 +37,11 @@ OIFNAME = 104  # 16 bytes
 SMAC = 120  # 8 bytes (6 used)
 PKTTYPE = 128  # u8
 TCPOPTLEN = 129  # u8: bytes of TCP options copied
+PCLASS = 130  # u8: the packet class the classifier keys on (see classify.atoms.PacketClass)
 TCPOPTS = 136  # 40 bytes of TCP options
-# 176..191 free
+# 176..191: scratch for the link-layer and extension-header parsers
+KEYBUF = 192  # 112 bytes: classifier lookup keys (shared by user chains through r9)
+KEYBUF_SIZE = 112
 
 L4_BUF = 24  # size of the transport buffer
 TCP_HDR = 20

@@ -22,7 +22,8 @@ AH, FRAGMENT, NONE = 51, 44, 59
 IPV6_EXT = (0, 43, 44, 51, 59, 60)
 
 
-def emit_parse(a: Assembler, fl: Flavour, on_pass: Label, *, tcp_options: bool) -> None:
+def emit_parse(a: Assembler, fl: Flavour, on_pass: Label, *, tcp_options: bool,
+               packet_class: bool = False) -> None:
     """Fill the packet struct's header fields; jump to `on_pass` for traffic not ours."""
     a.emit(I.mov64(L.R_PKT, I.R10), I.alu64(AluOp.ADD, L.R_PKT, L.PKT_OFF, reg=False))
     fl.emit_setup(a)
@@ -38,6 +39,35 @@ def emit_parse(a: Assembler, fl: Flavour, on_pass: Label, *, tcp_options: bool) 
         _parse_ipv6(a, fl, on_pass)
     if tcp_options:
         _copy_tcp_options(a, fl)
+    if packet_class:
+        _packet_class(a, fl.family)
+
+
+def _packet_class(a: Assembler, family: Family) -> None:
+    """Store the packet's class for the classifier (see classify.atoms.PacketClass)."""
+    from .classify.atoms import PacketClass as P
+
+    done = a.label("pclass")
+    a.emit(I.mov64_imm(I.R2, P.V6ERR))
+    if family is Family.IPV6:
+        a.emit(I.ldx(I.B, I.R1, L.R_PKT, L.V6ERR))
+        a.jump(JmpOp.JNE, I.R1, 0, done)
+    a.emit(I.ldx(I.H, I.R1, L.R_PKT, L.FRAGOFF))
+    first = a.label("first")
+    a.jump(JmpOp.JEQ, I.R1, 0, first)
+    a.emit(I.mov64_imm(I.R2, P.FRAG))
+    if family is Family.IPV4:
+        a.jump(JmpOp.JNE, I.R1, 1, done)
+        a.emit(I.mov64_imm(I.R2, P.EVIL_FRAG))
+    a.goto(done)
+    a.place(first)
+    a.emit(I.ldx(I.B, I.R1, L.R_PKT, L.L4AVAIL))
+    for avail, cls in ((20, P.FULL), (8, P.TRUNC8), (4, P.TRUNC4)):
+        a.emit(I.mov64_imm(I.R2, cls))
+        a.jump(JmpOp.JGE, I.R1, avail, done)
+    a.emit(I.mov64_imm(I.R2, P.TRUNC0))
+    a.place(done)
+    a.emit(I.stx(I.B, L.R_PKT, I.R2, L.PCLASS))
 
 
 def _parse_ipv4(a: Assembler, fl: Flavour, on_pass: Label) -> None:

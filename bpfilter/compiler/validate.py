@@ -99,3 +99,35 @@ def call_depth(table: Table, name: str, memo: dict[str, int] | None = None) -> i
             depth = max(depth, 1 + call_depth(table, target, memo))
     memo[name] = depth
     return depth
+
+
+def always_decides(table: Table, name: str, memo: dict[str, bool] | None = None) -> bool:
+    """True if chain `name` can never return to its caller (every path ends in a verdict).
+
+    Conservative: no RETURN, no goto to a chain that may return, and a last rule without
+    matches (comments aside) whose target decides.
+    """
+    memo = {} if memo is None else memo
+    if name in memo:
+        return memo[name]
+    memo[name] = False  # no loops exist, but be safe while recursing
+    chain = table.chains[name]
+    ok = bool(chain.rules)
+    for rule in chain.rules:
+        t = rule.target
+        if t is not None and t.kind == "RETURN":
+            ok = False
+        if t is not None and t.kind == GOTO and not always_decides(table, t.params.chain, memo):
+            ok = False
+    if ok:
+        last = chain.rules[-1]
+        t = last.target
+        unconditional = all(m.kind == "comment" for m in last.matches)
+        if not unconditional or t is None:
+            ok = False
+        elif t.kind in (JUMP, GOTO):
+            ok = always_decides(table, t.params.chain, memo)
+        else:
+            ok = t.kind in ("ACCEPT", "DROP")
+    memo[name] = ok
+    return ok

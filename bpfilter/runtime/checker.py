@@ -59,7 +59,7 @@ class Checker:
             raise CompileError(f"chain {chain} has no program on hook {hook}")
         cp = self.compiled.programs[chain]
         self.nf_hook = cp.hook.nf_hook
-        self.maps = {k: Map.create(spec) for k, spec in self.compiled.maps.items()}
+        self.maps = self.compiled.create_maps()
         try:
             self.prog = Prog.load(cp.flavour.prog_type,
                                   cp.program.resolve({k: m.fd for k, m in self.maps.items()}),

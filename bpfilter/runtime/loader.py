@@ -170,6 +170,7 @@ class Runtime:
             old_record = self._record(fam, cur)
             loaded: list[tuple[str, str, Prog]] = []
             maps: dict[str, Map] = {}
+            extra: list[Map] = []
             neutral = Prog.load(make_flavour(self.hook, fam, self.iface or "x").prog_type,
                                 D.neutral(self._accept_code(fam)), name="bpf_neutral",
                                 attach_type=make_flavour(self.hook, fam, self.iface or "x")
@@ -178,9 +179,13 @@ class Runtime:
                 tables: dict[str, TableRecord] = {}
                 for ct in compiled:
                     tname = ct.table.name
-                    tmaps = {k: Map.create(spec) for k, spec in ct.maps.items()}
+                    tmaps = ct.create_maps()
                     for k, m in tmaps.items():
-                        maps[pin_name("cnt" if k == COUNTERS else "trace", fam.value, tname)] = m
+                        if k in (COUNTERS, TRACE):
+                            maps[pin_name("cnt" if k == COUNTERS else "trace", fam.value,
+                                          tname)] = m
+                        else:
+                            extra.append(m)  # classifier tables: held by the programs
                     if counters:
                         _seed_counters(tmaps[COUNTERS], ct)
                     fds = {k: m.fd for k, m in tmaps.items()}
@@ -220,7 +225,7 @@ class Runtime:
             finally:
                 for _, _, p in loaded:
                     p.close()
-                for m in maps.values():
+                for m in [*maps.values(), *extra]:
                     m.close()
                 neutral.close()
             # After the switch: drop the old generation and hooks the new ruleset left.
