@@ -10,7 +10,7 @@ import struct
 from dataclasses import dataclass
 
 from ..bpf.consts import NfHook, NfProto
-from ..bpf.maps import Map, possible_cpus
+from ..bpf.maps import possible_cpus
 from ..bpf.prog import Prog
 from ..compiler.codegen import COUNTERS, PASSED, TRACE, CompiledTable, compile_table
 from ..compiler.hooks.base import Flavour, Verdict

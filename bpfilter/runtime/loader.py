@@ -20,7 +20,7 @@ from ..bpf.link import Link
 from ..bpf.maps import Map, MapSpec
 from ..bpf.prog import Prog
 from ..bpf.syscall import BpfError
-from ..compiler.codegen import COUNTERS, CompiledTable, compile_table
+from ..compiler.codegen import COUNTERS, TRACE, CompiledTable, compile_table
 from ..compiler.hooks.base import Flavour, Verdict
 from ..compiler.hooks.nf import NetfilterFlavour
 from ..compiler.hooks.tcxdp import TcFlavour, XdpFlavour
