@@ -46,15 +46,14 @@ class Field(Enum):
     PKTTYPE = (19, 1, Order.HOST)
     SMAC = (20, 6, Order.BYTES)
 
-    @property
-    def width(self) -> int:
-        """Bytes the field occupies."""
-        return self.value[1]
+    def __init__(self, ident: int, width: int, order: Order) -> None:
+        # Plain attributes: the classifier reads them millions of times on big rulesets.
+        self.ident = ident
+        self.width = width
+        self.order = order
 
-    @property
-    def order(self) -> Order:
-        """Byte order of the stored field."""
-        return self.value[2]
+    def __hash__(self) -> int:
+        return self.ident
 
 
 class L4(Enum):
@@ -76,7 +75,8 @@ class Cmp:
 
 @dataclass(frozen=True)
 class Range:
-    """lo <= field <= hi (numeric fields, compared in host order)."""
+    """lo <= field <= hi (numeric fields compared as numbers; BYTES fields as big-endian
+    unsigned numbers, e.g. addresses for iprange)."""
 
     field: Field
     lo: int
@@ -143,8 +143,26 @@ class TcpOption:
     kind: int
 
 
+@dataclass(frozen=True)
+class EtherHeader:
+    """The packet carries an Ethernet header: its device is ARPHRD_ETHER and the MAC header lies
+    in front of the network header (xt_mac's precondition; false otherwise, even when negated)."""
+
+
+@dataclass(frozen=True)
+class AddrType:
+    """xt_addrtype: the route type of the address in `field` is one of the RTN_* types set in
+    the bit mask `types` (bit n for type n), as the kernel looks it up for the field's family
+    (IPv4: inet_dev_addr_type; IPv6: match_type6's rules); `dev` is "in" or "out" to look up
+    on that device only (--limit-iface-in/out), None for any device."""
+
+    field: Field
+    types: int
+    dev: str | None = None
+
+
 Pred = (Cmp | Range | Not | AnyOf | AllOf | Const | NonFirstFragment | TransportHeader | Proto
-        | TcpOption)
+        | TcpOption | EtherHeader | AddrType)
 
 
 def all_of(*preds: Pred) -> Pred:
@@ -192,7 +210,7 @@ def negate(pred: Pred, invert: bool = True) -> Pred:
 
 def fields_of(pred: Pred) -> set[Field]:
     """Every field `pred` reads."""
-    if isinstance(pred, Cmp | Range):
+    if isinstance(pred, Cmp | Range | AddrType):
         return {pred.field}
     if isinstance(pred, Not):
         return fields_of(pred.pred)

@@ -104,10 +104,13 @@ class Group:
         return out
 
 
+_ORDER = {f: i for i, f in enumerate(KEY_FIELDS)}
+
+
 def _signature(e: Entry) -> tuple:
-    masks = {c.field: c.mask for c in e.constraints}
-    return tuple((f, masks[f]) for f in KEY_FIELDS if f in masks and any(masks[f])), \
-        e.pclass is not None
+    fm = sorted(((c.field, c.mask) for c in e.constraints if any(c.mask)),
+                key=lambda x: _ORDER[x[0]])
+    return tuple(fm), e.pclass is not None
 
 
 def build_groups(rules: list[list[Entry]]) -> list[Group]:
