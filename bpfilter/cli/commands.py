@@ -34,8 +34,8 @@ def _read(path: str) -> tuple[str, str]:
         raise UserError(f"cannot read {path}: {e.strerror}") from None
 
 
-def parse_file(path: str, family: Family) -> tuple[Ruleset, str]:
-    """Parse an iptables-save file; returns the ruleset and its canonical text."""
+def parse_file(path: str, family: Family) -> tuple[Ruleset, str, str]:
+    """Parse an iptables-save file; returns the ruleset, its canonical text and the original."""
     from ..frontends.iptables.parser import ParseError, parse
     from ..frontends.iptables.saver import save
 
@@ -45,7 +45,7 @@ def parse_file(path: str, family: Family) -> tuple[Ruleset, str]:
     except ParseError as e:
         raise UserError(str(e)) from None
     rs.source = os.path.abspath(path) if path != "-" else None
-    return rs, save(rs)
+    return rs, save(rs), text
 
 
 def _runtime(args: argparse.Namespace, hook: str | None = None) -> Runtime:
@@ -84,7 +84,7 @@ def _loaded_ruleset(rt: Runtime, fam: Family) -> tuple[Ruleset, Loaded]:
 def cmd_restore(args: argparse.Namespace) -> int:
     """Compile, load and attach (or with --test only compile and verify)."""
     fam = _family(args)
-    rs, text = parse_file(args.file, fam)
+    rs, text, original = parse_file(args.file, fam)
     if args.test:
         from ..runtime.checker import Checker
 
@@ -96,7 +96,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
                         pass
         return 0
     rt = _runtime(args)
-    rt.restore(rs, text=text, counters=args.counters)
+    rt.restore(rs, text=text, counters=args.counters, original=original)
     return 0
 
 
@@ -152,7 +152,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from .pcap import read_pcap
 
     fam = _family(args)
-    rs, _ = parse_file(args.file, fam)
+    rs, _, _ = parse_file(args.file, fam)
     frames = read_pcap(args.pcap)
     with Checker(rs, chain=args.chain, table=args.table, hook=args.hook, iif=args.iif,
                  oif=args.oif) as chk:
@@ -174,10 +174,16 @@ def cmd_dump(args: argparse.Namespace) -> int:
 
     fam = _family(args)
     if args.file:
-        rs, _ = parse_file(args.file, fam)
+        rs, _, _ = parse_file(args.file, fam)
         loaded = None
     else:
-        rs, loaded = _loaded_ruleset(_runtime(args), fam)
+        from ..frontends.iptables.parser import parse
+
+        _, loaded = _loaded_ruleset(_runtime(args), fam)
+        rec = loaded.record
+        # Recompile from the operator's own text, so each block cites their file and line.
+        name = rec.source or "<loaded>"
+        rs = parse(rec.original or rec.text, family=fam, filename=name)
     sys.stdout.write(dump(rs, args.hook, getattr(args, "iface", None),
                           _runtime(args) if loaded else None, as_json=args.json))
     return 0

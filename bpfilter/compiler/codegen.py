@@ -284,6 +284,7 @@ class TableCompiler:
                 _count(a, slot)
                 self._target(a, rule, slot, labels, verdict, policy, main=main)
                 if a.referenced(hotdrop):
+                    a.goto(nxt)  # a jump that returned continues; pruned after a verdict
                     a.place(hotdrop)
                     _decide(a, slot)
                     _finish(a, Verdict.DROP, verdict, main)

@@ -145,7 +145,8 @@ class Runtime:
 
     # -- restore -------------------------------------------------------------------------
 
-    def restore(self, rs: Ruleset, *, text: str, counters: bool = False) -> Record:
+    def restore(self, rs: Ruleset, *, text: str, counters: bool = False,
+                original: str | None = None) -> Record:
         """Compile, load and switch to `rs` (whole, or not at all). `text` is its save form."""
         mac = None
         if self.iface:
@@ -154,10 +155,10 @@ class Runtime:
         ensure_bpffs(self.root)
         os.makedirs(self.dir, exist_ok=True)
         with locked(self.dir):
-            return self._restore_locked(rs, compiled, text, counters)
+            return self._restore_locked(rs, compiled, text, counters, original)
 
     def _restore_locked(self, rs: Ruleset, compiled: list[CompiledTable], text: str,
-                        counters: bool) -> Record:
+                        counters: bool, original: str | None) -> Record:
         fam = rs.family
         fi = D.family_index(fam)
         gen_map = self._open_or_create(D.GEN_MAP, MapSpec(MapType.ARRAY, 4, 8, 1, name="bpf_gen"))
@@ -196,7 +197,8 @@ class Runtime:
                         loaded.append((tname, chain, prog))
                     tables[tname] = TableRecord([(s.chain, s.rule) for s in ct.slots],
                                                 list(ct.programs))
-                record = Record(fam.value, self.hook, self.iface, text, tables, rs.source)
+                record = Record(fam.value, self.hook, self.iface, text, tables, rs.source,
+                                original)
                 meta = write_record(record, f"bpf_meta{fi}{new}")
                 maps[pin_name("meta", fam.value)] = meta
                 # Fill the new generation: chain programs, and neutral ones where a hook that

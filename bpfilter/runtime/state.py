@@ -62,7 +62,8 @@ class Record:
     iface: str | None
     text: str  # the ruleset as iptables-save prints it (without counters)
     tables: dict[str, TableRecord]
-    source: str | None = None
+    source: str | None = None  # the file it was restored from
+    original: str | None = None  # that file's text, so dumps cite the operator's own lines
     version: int = 1
 
     def encode(self) -> bytes:
@@ -77,7 +78,7 @@ class Record:
         tables = {k: TableRecord([(c, r) for c, r in v["slots"]], v.get("chains", []))
                   for k, v in d["tables"].items()}
         return cls(d["family"], d["hook"], d["iface"], d["text"], tables, d.get("source"),
-                   d.get("version", 1))
+                   d.get("original"), d.get("version", 1))
 
 
 def write_record(rec: Record, name: str) -> Map:
