@@ -254,8 +254,9 @@ class Assembler:
     def _prune(self, items: list) -> list:
         """Drop instructions no path reaches (the verifier refuses unreachable code).
 
-        Paths start at the entry and at every subprogram; a raw jump instruction (an offset
-        rather than a label) makes the analysis impossible, so then nothing is dropped.
+        Paths start at the entry; a subprogram lives if a live call reaches it. A raw jump
+        instruction (an offset rather than a label) makes the analysis impossible: then nothing
+        is dropped.
         """
         items = list(items)  # comments move below; the assembler's own list stays as emitted
         where: dict[int, int] = {}
@@ -265,7 +266,7 @@ class Assembler:
             elif isinstance(item, Insn) and I.is_jump(item):
                 return items
         live = [False] * len(items)
-        todo = [0] + [where[it.target.uid] for it, _, _ in items if isinstance(it, _Call)]
+        todo = [0]  # subprograms become live when a live call reaches them
         while todo:
             n = todo.pop()
             while n < len(items) and not live[n]:

@@ -174,7 +174,10 @@ def all_of(*preds: Pred) -> Pred:
         elif p == Const(True):
             continue
         elif p == Const(False):
-            return p
+            # What came before still runs in netfilter (a hotdrop there drops the packet).
+            if not out:
+                return p
+            return AllOf((*out, p))
         else:
             out.append(p)
     return out[0] if len(out) == 1 else AllOf(tuple(out))
