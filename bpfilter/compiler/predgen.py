@@ -118,6 +118,9 @@ class PredGen:
             if not isinstance(mask, bytes):
                 mask = mask.to_bytes(field.width, "big")
             value, mask = value.ljust(field.width, b"\0"), mask.ljust(field.width, b"\0")
+            if any(v & ~m & 0xFF for v, m in zip(value, mask, strict=False)):
+                a.goto(fail)  # a value bit the mask clears can never be equalled
+                return
             if static is not None:
                 ok = all((s & m) == (v & m) for s, v, m in zip(static, value, mask, strict=False))
                 if not ok:
@@ -131,8 +134,11 @@ class PredGen:
         value = int(c.value)  # type: ignore[arg-type]
         mask = None if c.mask is None else int(c.mask)  # type: ignore[arg-type]
         full = (1 << (8 * width)) - 1
+        if value & ~(full if mask is None else mask & full):
+            a.goto(fail)  # (field & mask) == value cannot hold with value bits outside the mask
+            return
         if mask is not None and mask & full == 0:
-            return  # nothing to compare: always true
+            return  # (field & 0) == 0: always true
         a.emit(I.ldx(_SIZES[width], I.R1, R_PKT, L.field_offset(field, self.family)))
         if field.order is Order.NET:
             value = self._swap(value & full, width)

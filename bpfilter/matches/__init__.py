@@ -1,6 +1,29 @@
 """Match and target kinds. Importing this package registers every entry in `REGISTRY`."""
 
-from . import ip, targets, tcpudp  # noqa: F401  (registration side effects)
-from .registry import REGISTRY, Context, MatchEntry, MatchError, Option, OptVal, TargetEntry
+from . import (  # noqa: F401  (registration side effects)
+    conntrack,
+    icmp,
+    ip,
+    mangle,
+    misc,
+    multiport,
+    nat,
+    packet,
+    ratelimit,
+    targets,
+    tcpudp,
+    xtargets,
+)
+from .registry import (
+    REGISTRY,
+    Context,
+    MatchEntry,
+    MatchError,
+    Option,
+    OptVal,
+    TargetEntry,
+    Unsupported,
+)
 
-__all__ = ["REGISTRY", "Context", "MatchEntry", "MatchError", "OptVal", "Option", "TargetEntry"]
+__all__ = ["REGISTRY", "Context", "MatchEntry", "MatchError", "OptVal", "Option", "TargetEntry",
+           "Unsupported"]

@@ -95,13 +95,14 @@ def _build_proto(opts: dict, ctx: Context) -> ProtoMatch:
 
 def _save_proto(p: ProtoMatch, ctx: Context) -> list[str]:
     if p.proto == 0:
-        return []
+        return ["-p", "all"] if ctx.family is Family.IPV6 else []
     return [*(["!"] if p.invert else []), "-p", proto_name(p.proto, ctx.family)]
 
 
 def _lower_proto(p: ProtoMatch, ctx: Context) -> Pred:
-    if p.proto == 0:
+    if p.proto == 0 and ctx.family is Family.IPV4:
         return Const(True)
+    # ip6tables walks the extension headers whenever -p is given, `all` included.
     return Proto(p.proto, p.invert)
 
 
@@ -133,13 +134,16 @@ def _check_iif(p: IfaceMatch, ctx: Context) -> str | None:
 
 SRC = REGISTRY.add_match(_addr_entry("src", "-s", "--source", Field.SADDR4, Field.SADDR6))
 DST = REGISTRY.add_match(_addr_entry("dst", "-d", "--destination", Field.DADDR4, Field.DADDR6))
+# iptables also takes --src / --dst as synonyms.
+object.__setattr__(SRC, "options", (Option(("-s", "--source", "--src"), "src"),))
+object.__setattr__(DST, "options", (Option(("-d", "--destination", "--dst"), "dst"),))
 IIF = REGISTRY.add_match(_iface_entry("iif", "-i", "--in-interface", Field.IIFNAME))
 OIF = REGISTRY.add_match(_iface_entry("oif", "-o", "--out-interface", Field.OIFNAME))
 PROTO = REGISTRY.add_match(MatchEntry(
     "proto", (Option(("-p", "--protocol"), "proto"),), _build_proto, _save_proto, _lower_proto,
     builtin=True))
 FRAG = REGISTRY.add_match(MatchEntry(
-    "frag", (Option(("-f", "--fragment"), "frag", nargs=0),), _build_frag, _save_frag,
+    "frag", (Option(("-f", "--fragments"), "frag", nargs=0),), _build_frag, _save_frag,
     _lower_frag, builtin=True, families=frozenset({Family.IPV4})))
 object.__setattr__(IIF, "check_hook", _check_iif)
 object.__setattr__(OIF, "check_hook", _check_oif)

@@ -25,6 +25,14 @@ class MatchError(ValueError):
         self.token = token
 
 
+class Unsupported(MatchError):
+    """A match or target that parses and prints but that the compiler cannot lower (yet)."""
+
+    def __init__(self, feature: str, detail: str = "") -> None:
+        super().__init__(f"{feature}: not supported by the compiler{detail}", feature)
+        self.feature = feature
+
+
 @dataclass(frozen=True)
 class Option:
     """One command-line option of a match or target.
@@ -47,6 +55,7 @@ class OptVal:
     args: tuple[str, ...]
     invert: bool = False
     name: str = ""  # the spelling used, for messages
+    index: int = 0  # position among the rule's arguments (some options depend on order)
 
 
 @dataclass(frozen=True)
@@ -59,6 +68,8 @@ class Context:
     proto: int | None = None  # from `-p`, None when absent or negated
     proto_inverted: bool = False
     hook: str | None = None  # the hook flavour when compiling (nf, tc, xdp), None when parsing
+    # The rule's other matches (targets such as TCPMSS depend on them).
+    matches: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -79,6 +90,8 @@ class MatchEntry:
     # Hooks (hook flavour, chain) it cannot run on; a function returning an error or None.
     check_hook: Callable[[Any, Context], str | None] | None = None
     builtin: bool = False  # printed without `-m` (the ip/ip6 header part of a rule)
+    # `-p` must precede the match's options (multiport checks it while parsing them).
+    proto_first: bool = False
 
     def option(self, name: str) -> Option | None:
         """The option spelled `name`, if this entry has it."""

@@ -54,14 +54,14 @@ class TcpUdpMatch:
 
 
 def parse_flags(text: str) -> int:
-    """A comma-separated TCP flag list (`ALL`, `NONE` too)."""
+    """A comma-separated TCP flag list (`ALL`, `NONE` too; iptables knows no ECE or CWR)."""
     value = 0
     for name in text.upper().split(","):
         if name == "ALL":
             value |= ALL_FLAGS
         elif name == "NONE":
             continue
-        elif name in TCP_FLAGS:
+        elif name in TCP_FLAGS and TCP_FLAGS[name] & ALL_FLAGS:
             value |= TCP_FLAGS[name]
         else:
             raise MatchError(f"Unknown TCP flag {name!r}", name)
@@ -84,7 +84,10 @@ def _ports(opts: dict, key: str, proto: str) -> PortTest | None:
     if key not in opts:
         return None
     v = _one(opts[key])
-    return PortTest(parse_port_range(v.args[0], proto), v.invert)
+    r = parse_port_range(v.args[0], proto)
+    if (r.lo, r.hi) == (0, 65535) and not v.invert:
+        return None  # matches every port: iptables prints nothing
+    return PortTest(r, v.invert)
 
 
 def _build(proto: str):
@@ -102,10 +105,12 @@ def _build(proto: str):
             elif "flags" in opts:
                 v = _one(opts["flags"])
                 flags = FlagsTest(parse_flags(v.args[0]), parse_flags(v.args[1]), v.invert)
+                if flags == FlagsTest(0, 0):
+                    flags = None  # always true: iptables prints nothing
             if "option" in opts:
                 v = _one(opts["option"])
                 if not v.args[0].isdigit() or not 1 <= int(v.args[0]) <= 255:
-                    raise MatchError(f"tcp: invalid TCP option {v.args[0]!r}", v.args[0])
+                    raise MatchError(f"tcp: bad TCP option {v.args[0]!r}", v.args[0])
                 option = (int(v.args[0]), v.invert)
         return TcpUdpMatch(sport, dport, flags, option)
 

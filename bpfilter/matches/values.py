@@ -48,12 +48,140 @@ def parse_proto(text: str) -> int:
 
 
 def proto_name(proto: int, family: Family = Family.IPV4) -> str:
-    """How iptables-save prints protocol `proto`."""
-    if proto == 58 and family is Family.IPV6:
+    """How iptables-save prints protocol `proto` (/etc/protocols first, as iptables does)."""
+    name = _etc_protocols().get(proto)
+    if name is not None:
+        return name
+    if proto == 58:
         return "ipv6-icmp"
-    if proto in _CANONICAL:
-        return _CANONICAL[proto]
-    return _etc_protocols().get(proto, str(proto))
+    return _CANONICAL.get(proto, str(proto))
+
+
+def parse_uint(text: str, lo: int = 0, hi: int = 0xFFFFFFFF, what: str = "value") -> int:
+    """An unsigned number as iptables' strtoul with base 0 takes it (decimal, 0x hex, 0 octal)."""
+    t = text.strip()
+    try:
+        if not t or not (t[0].isdigit()):
+            raise ValueError
+        if t.lower().startswith("0x"):
+            value = int(t[2:], 16)
+        elif len(t) > 1 and t.startswith("0"):
+            value = int(t[1:], 8)
+        else:
+            value = int(t, 10)
+    except ValueError:
+        raise MatchError(f"invalid {what} {text!r}", text) from None
+    if not lo <= value <= hi:
+        raise MatchError(f"{what} {text!r} out of range {lo}-{hi}", text)
+    return value
+
+
+def parse_uint_range(text: str, hi: int = 0xFFFFFFFF, what: str = "value") -> tuple[int, int]:
+    """`n`, `lo:hi`, `:hi`, `lo:` or `:` (bounds default to 0 and `hi`); lo must not exceed hi."""
+    if ":" not in text:
+        v = parse_uint(text, 0, hi, what)
+        return v, v
+    lo_s, hi_s = text.split(":", 1)
+    lo = parse_uint(lo_s, 0, hi, what) if lo_s else 0
+    top = parse_uint(hi_s, 0, hi, what) if hi_s else hi
+    if lo > top:
+        raise MatchError(f"invalid {what} range {text!r}: start above end", text)
+    return lo, top
+
+
+def format_range(lo: int, hi: int, sep: str = ":") -> str:
+    """`lo` when the range holds one value, else `lo:hi`."""
+    return str(lo) if lo == hi else f"{lo}{sep}{hi}"
+
+
+def parse_value_mask(text: str, what: str = "mark", bits: int = 32) -> tuple[int, int]:
+    """`value[/mask]` (mask defaults to all ones), as mark and connmark take them."""
+    top = (1 << bits) - 1
+    v_s, slash, m_s = text.partition("/")
+    value = parse_uint(v_s, 0, top, what)
+    mask = parse_uint(m_s, 0, top, what + " mask") if slash else top
+    return value, mask
+
+
+def quote(value: str) -> str:
+    """A string as iptables-save prints it: bare when safe, else double-quoted and escaped."""
+    if value and all(c.isascii() and (c.isalnum() or c in "_-") for c in value):
+        return value
+    escaped = "".join("\\" + c if c in "\"\\'" else c for c in value)
+    return f'"{escaped}"'
+
+
+def bare(value: str) -> str:
+    """A name iptables prints as is (printf %s): quoted only where the lexer would split it."""
+    if value and not any(c.isspace() or c in "\"\\" for c in value):
+        return value
+    return quote(value)
+
+
+def format_addr(addr: bytes) -> str:
+    """An address as inet_ntop prints it (glibc: IPv4-mapped and -compatible tails dotted)."""
+    if len(addr) == 4:
+        return ".".join(str(b) for b in addr)
+    words = [int.from_bytes(addr[i:i + 2], "big") for i in range(0, 16, 2)]
+    best, best_len, cur, cur_len = -1, 0, -1, 0
+    for i, w in enumerate(words):
+        if w == 0:
+            if cur < 0:
+                cur, cur_len = i, 0
+            cur_len += 1
+            if cur_len > best_len:
+                best, best_len = cur, cur_len
+        else:
+            cur = -1
+    if best_len < 2:
+        best = -1
+    if best == 0 and (best_len == 6 or (best_len == 5 and words[5] == 0xFFFF)):
+        head = "::" if best_len == 6 else "::ffff:"
+        return head + ".".join(str(b) for b in addr[12:])
+    parts: list[str] = []
+    i = 0
+    while i < 8:
+        if i == best:
+            parts.append("")
+            if i == 0:
+                parts.append("")
+            i += best_len
+            if i == 8:
+                parts.append("")
+            continue
+        parts.append(f"{words[i]:x}")
+        i += 1
+    return ":".join(parts)
+
+
+def parse_addr(text: str, family: Family) -> bytes:
+    """One numeric address of `family` (IPv4 may be abbreviated: `10` is 10.0.0.0)."""
+    if family is Family.IPV4:
+        parts = text.split(".")
+        if 1 <= len(parts) <= 4 and all(p.isdigit() and int(p) <= 255 for p in parts):
+            return bytes(int(p) for p in parts).ljust(4, b"\0")
+        raise MatchError(f"host/network {text!r} not found", text)
+    try:
+        return ipaddress.IPv6Address(text).packed
+    except ValueError:
+        raise MatchError(f"host/network {text!r} not found", text) from None
+
+
+def parse_mac(text: str) -> bytes:
+    """A MAC address `xx:xx:xx:xx:xx:xx`."""
+    parts = text.split(":")
+    if len(parts) != 6 or not all(1 <= len(p) <= 2 and _is_hex(p) for p in parts):
+        raise MatchError(f"bad mac address {text!r}", text)
+    return bytes(int(p, 16) for p in parts)
+
+
+def _is_hex(s: str) -> bool:
+    return all(c in "0123456789abcdefABCDEF" for c in s)
+
+
+def format_mac(mac: bytes) -> str:
+    """A MAC address as iptables prints it (lower-case hex)."""
+    return ":".join(f"{b:02x}" for b in mac)
 
 
 @dataclass(frozen=True)
@@ -83,11 +211,10 @@ class Net:
         return all((a & m) == (b & m) for a, b, m in zip(addr, self.addr, self.mask, strict=True))
 
     def __str__(self) -> str:
-        ip = ipaddress.ip_address(self.addr)
         plen = self.prefixlen
         if plen is not None:
-            return f"{ip}/{plen}"
-        return f"{ip}/{ipaddress.ip_address(self.mask)}"
+            return f"{format_addr(self.addr)}/{plen}"
+        return f"{format_addr(self.addr)}/{format_addr(self.mask)}"
 
 
 def _mask_bytes(plen: int, n: int) -> bytes:
@@ -97,15 +224,10 @@ def _mask_bytes(plen: int, n: int) -> bytes:
 
 def parse_net(text: str, family: Family) -> Net:
     """`addr`, `addr/len` or `addr/dotted-mask`, with host bits cleared as iptables does."""
-    addr_s, _, mask_s = text.partition("/")
+    addr_s, slash, mask_s = text.partition("/")
     n = family.addr_len
-    try:
-        addr = ipaddress.ip_address(addr_s)
-    except ValueError:
-        raise MatchError(f"host/network {addr_s!r} not found", text) from None
-    if (addr.version == 4) != (family is Family.IPV4):
-        raise MatchError(f"host/network {addr_s!r} is not an {family.value} address", text)
-    if not mask_s:
+    addr = parse_addr(addr_s, family)
+    if not slash:
         mask = _mask_bytes(n * 8, n)
     elif mask_s.isdigit():
         if int(mask_s) > n * 8:
@@ -113,13 +235,12 @@ def parse_net(text: str, family: Family) -> Net:
         mask = _mask_bytes(int(mask_s), n)
     else:
         try:
-            m = ipaddress.ip_address(mask_s)
-        except ValueError:
+            mask = parse_addr(mask_s, family)
+        except MatchError:
             raise MatchError(f"invalid mask {mask_s!r} specified", text) from None
-        if m.version != addr.version:
+        if family is Family.IPV4 and mask_s.count(".") != 3:
             raise MatchError(f"invalid mask {mask_s!r} specified", text)
-        mask = m.packed
-    packed = bytes(a & m for a, m in zip(addr.packed, mask, strict=True))
+    packed = bytes(a & m for a, m in zip(addr, mask, strict=True))
     return Net(packed, mask)
 
 
