@@ -192,6 +192,8 @@ class TableCompiler:
         t = rule.target
         if t is None or t.kind in (ACCEPT, DROP, RETURN, JUMP, GOTO):
             return
+        if t.kind == "MARK" and self.fl.emit_store_mark(Assembler()):
+            return
         raise CompileError(f"{rule_text(chain, n, rule)}: target {t.kind!r} is not supported "
                            f"on hook {self.fl.name}", rule.origin)
 
@@ -234,9 +236,13 @@ class TableCompiler:
                                f"verifier allows {MAX_CALL_DEPTH}", chain.origin)
         needed: set[Field] = set()
         tcp_opts = False
+        sets_mark = False
         for c in [chain.name, *subs]:
             for n, rule in enumerate(self.table.chains[c].rules, 1):
                 self._check_target(c, n, rule)
+                if rule.target is not None and rule.target.kind == "MARK":
+                    needed.add(Field.MARK)
+                    sets_mark = True
                 pred = self.rule_pred(c, n, rule)
                 needed |= fields_of(pred)
                 tcp_opts = tcp_opts or _uses(pred, TcpOption)
@@ -251,7 +257,7 @@ class TableCompiler:
         labels = {c: a.label(f"chain_{c}") for c in subs}
         self._chain_body(a, chain, labels, verdict, fl, main=True)
         with a.origin(Origin("epilogue: publish the decision, return the verdict")):
-            self._epilogue(a, verdict, passed)
+            self._epilogue(a, verdict, passed, fl if sets_mark else None)
         for c in subs:
             with a.origin(Origin(f"user chain {c}", c)):
                 a.place(labels[c])
@@ -437,6 +443,13 @@ class TableCompiler:
         t = rule.target
         if t is None:
             return
+        if t.kind == "MARK":
+            # (mark & ~mask) ^ value; later `-m mark` matches read the struct's copy.
+            a.emit(I.ldx(I.W, I.R1, L.R_PKT, L.MARK))
+            a.emit(I.alu32(AluOp.AND, I.R1, _s32(~t.params.mask), reg=False))
+            a.emit(I.alu32(AluOp.XOR, I.R1, _s32(t.params.value), reg=False))
+            a.emit(I.stx(I.W, L.R_PKT, I.R1, L.MARK), I.st(I.B, L.R_PKT, L.MARKSET, 1))
+            return
         if t.kind in (ACCEPT, DROP):
             _decide(a, slot)
             _finish(a, Verdict.ACCEPT if t.kind == ACCEPT else Verdict.DROP, verdict, main)
@@ -463,13 +476,20 @@ class TableCompiler:
                 a.emit(I.exit_())
                 a.place(cont)
 
-    def _epilogue(self, a: Assembler, verdict: Label, passed: Label) -> None:
+    def _epilogue(self, a: Assembler, verdict: Label, passed: Label,
+                  mark_fl: Flavour | None) -> None:
         publish = a.label("publish")
         a.place(passed)
         a.emit(I.st(I.W, L.R_PKT, L.DECIDER, 0), I.mov64_imm(I.R0, PASSED))
         a.place(verdict)
         a.place(publish)
         a.emit(I.mov64(I.R7, I.R0))
+        if mark_fl is not None:
+            same = a.label("mark_kept")
+            a.emit(I.ldx(I.B, I.R1, L.R_PKT, L.MARKSET))
+            a.jump(JmpOp.JEQ, I.R1, 0, same)
+            mark_fl.emit_store_mark(a)
+            a.place(same)
         a.emit(I.st(I.W, I.R10, L.KEY_OFF, 0))
         a.emit(I.mov64(I.R2, I.R10), I.alu64(AluOp.ADD, I.R2, L.KEY_OFF, reg=False))
         a.ld_map(I.R1, TRACE)

@@ -37,6 +37,7 @@ OIFNAME = 104  # 16 bytes
 SMAC = 120  # 8 bytes (6 used)
 PKTTYPE = 128  # u8
 TCPOPTLEN = 129  # u8: bytes of TCP options copied
+MARKSET = 131  # u8: a MARK target changed the mark (the epilogue writes it back)
 PCLASS = 130  # u8: the packet class the classifier keys on (see classify.atoms.PacketClass)
 TCPOPTS = 136  # 40 bytes of TCP options
 # 176..191: scratch for the link-layer and extension-header parsers

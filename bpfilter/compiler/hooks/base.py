@@ -88,6 +88,10 @@ class Flavour(ABC):
     def emit_meta(self, a: Assembler, fields: set[Field]) -> None:
         """Fill the metadata fields (interfaces, mark, packet type, MAC) the rules read."""
 
+    def emit_store_mark(self, a: Assembler) -> bool:
+        """Write the struct's mark back to the packet; False if this hook cannot set marks."""
+        return False
+
     def for_hook(self, hook: HookPoint) -> Flavour:
         """The flavour as configured for one hook point (tc: the ingress or egress side)."""
         return self

@@ -60,6 +60,11 @@ class TcFlavour(EthernetFlavour):
         """skb->mark from the context."""
         a.emit(I.ldx(I.W, I.R1, L.R_CTX, SKB_MARK), I.stx(I.W, L.R_PKT, I.R1, L.MARK))
 
+    def emit_store_mark(self, a: Assembler) -> bool:
+        """skb->mark is writable from tc programs."""
+        a.emit(I.ldx(I.W, I.R1, L.R_PKT, L.MARK), I.stx(I.W, L.R_CTX, I.R1, SKB_MARK))
+        return True
+
 
 @dataclass
 class XdpFlavour(EthernetFlavour):
