@@ -13,12 +13,14 @@ demo: setup
 	$(PY) -m bpfilter.demo
 
 lint: setup
-	$(VENV)/bin/ruff check bpfilter tests bench
+	$(VENV)/bin/ruff check bpfilter tests $(wildcard bench)
 
 test: setup lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: setup
+	@$(PY) -c "import matplotlib" 2>/dev/null || \
+		$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[test,bench]'
 	$(PY) bench/run.py $(BENCH_ARGS)
 
 clean:
