@@ -197,3 +197,16 @@ def test_errors_name_the_problem(tmp_path, bpffs):
     rules.write_text(RULES.replace("-j BLOCK", "-j NOWHERE"))
     r = bpfilter("restore", "--test", str(rules), bpffs=bpffs, check=False)
     assert r.returncode == 1 and "r.v4:7" in r.stderr and "NOWHERE" in r.stderr
+
+
+@pytest.mark.parametrize("hook", ["nf", "tc"])
+def test_mac_source_with_real_traffic(topology, bpffs, tmp_path, hook):
+    rules = tmp_path / "mac.v4"
+    rules.write_text(
+        "*filter\n:INPUT ACCEPT [0:0]\n"
+        f"-A INPUT -p udp --dport 7001 -m mac --mac-source {topology.sender.mac} -j DROP\n"
+        "-A INPUT -p udp --dport 7002 -m mac ! --mac-source 02:00:00:00:00:99 -j DROP\n"
+        "-A INPUT -p udp --dport 7003 -m mac --mac-source 02:00:00:00:00:99 -j DROP\n"
+        "COMMIT\n")
+    bpfilter("restore", *_hook_args(hook, topology), str(rules), bpffs=bpffs)
+    assert delivered(topology, [7001, 7002, 7003]) == {7001: False, 7002: False, 7003: True}

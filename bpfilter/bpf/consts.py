@@ -297,6 +297,7 @@ class Helper(IntEnum):
     xdp_load_bytes = 189
     dynptr_read = 201
     ktime_get_coarse_ns = 160
+    probe_read_kernel = 113
 
 
 def helper_name(helper_id: int) -> str:

@@ -38,6 +38,7 @@ SMAC = 120  # 8 bytes (6 used)
 PKTTYPE = 128  # u8
 TCPOPTLEN = 129  # u8: bytes of TCP options copied
 MARKSET = 131  # u8: a MARK target changed the mark (the epilogue writes it back)
+ETHOK = 132  # u8: an Ethernet header precedes the network header (xt_mac's condition)
 PCLASS = 130  # u8: the packet class the classifier keys on (see classify.atoms.PacketClass)
 TCPOPTS = 136  # 40 bytes of TCP options
 # 176..191: scratch for the link-layer and extension-header parsers

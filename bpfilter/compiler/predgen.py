@@ -18,6 +18,7 @@ from ..ir.pred import (
     AnyOf,
     Cmp,
     Const,
+    EtherHeader,
     Field,
     NonFirstFragment,
     Not,
@@ -85,6 +86,9 @@ class PredGen:
                 a.jump(JmpOp.JEQ if neg else JmpOp.JNE, I.R1, proto, fail)
             case TcpOption(kind=kind):
                 self._tcp_option(kind, fail, hotdrop)
+            case EtherHeader():
+                a.emit(I.ldx(I.B, I.R1, R_PKT, L.ETHOK))
+                a.jump(JmpOp.JEQ, I.R1, 0, fail)
             case _:
                 raise Unsupported(f"predicate {type(pred).__name__} cannot be compiled here")
 

@@ -50,6 +50,7 @@ class EthernetFlavour(Flavour):
         a.emit(I.mov64_imm(I.R7, 0))
         self.emit_load(a, I.R7, SCRATCH, 14)
         a.jump(JmpOp.JNE, I.R0, 0, on_pass)
+        a.emit(I.st(I.B, L.R_PKT, L.ETHOK, 1))
         for i in range(0, 6, 2):  # stack accesses must be aligned: the MAC sits at offset 6
             a.emit(I.ldx(I.H, I.R1, L.R_PKT, SCRATCH + 6 + i),
                    I.stx(I.H, L.R_PKT, I.R1, L.SMAC + i))

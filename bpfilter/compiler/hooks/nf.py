@@ -31,6 +31,8 @@ _CHAINS = {
 }
 
 PACKET_LOOPBACK = 5
+ARPHRD_ETHER = 1
+ETH_HLEN = 14
 PACKET_BROADCAST, PACKET_MULTICAST = 1, 2
 
 
@@ -101,7 +103,34 @@ class NetfilterFlavour(Flavour):
             a.emit(I.stx(I.W, L.R_PKT, I.R2, L.MARK))
         if Field.PKTTYPE in fields:
             self._emit_pkttype(a)
+        if Field.SMAC in fields:
+            self._emit_smac(a)
 
+    def _emit_smac(self, a: Assembler) -> None:
+        """The source MAC, when the skb's device is Ethernet and its MAC header lies before the
+        network header (xt_mac's conditions); ETHOK says whether it does."""
+        btf = vmlinux()
+        off = {m: btf.member_offset("sk_buff", m).offset
+               for m in ("dev", "head", "mac_header", "network_header")}
+        no = a.label("nomac")
+        a.emit(I.ldx(I.DW, I.R8, L.R_CTX, btf.member_offset("bpf_nf_ctx", "skb").offset))
+        a.emit(I.ldx(I.DW, I.R1, I.R8, off["dev"]))
+        a.jump(JmpOp.JEQ, I.R1, 0, no)
+        a.emit(I.ldx(I.H, I.R1, I.R1, btf.member_offset("net_device", "type").offset))
+        a.jump(JmpOp.JNE, I.R1, ARPHRD_ETHER, no)
+        a.emit(I.ldx(I.H, I.R2, I.R8, off["mac_header"]))
+        a.jump(JmpOp.JEQ, I.R2, 0xFFFF, no)  # not set
+        a.emit(I.ldx(I.H, I.R3, I.R8, off["network_header"]))
+        a.emit(I.mov64(I.R4, I.R2), I.alu64(AluOp.ADD, I.R4, ETH_HLEN, reg=False))
+        a.jump(JmpOp.JGT, I.R4, I.R3, no, reg=True)
+        a.emit(I.ldx(I.DW, I.R3, I.R8, off["head"]))
+        a.emit(I.alu64(AluOp.ADD, I.R3, I.R2, reg=True), I.alu64(AluOp.ADD, I.R3, 6, reg=False))
+        a.emit(I.mov64(I.R1, L.R_PKT), I.alu64(AluOp.ADD, I.R1, L.SMAC, reg=False))
+        a.emit(I.mov64_imm(I.R2, 6))
+        a.emit(I.call_helper(Helper.probe_read_kernel))
+        a.jump(JmpOp.JNE, I.R0, 0, no)
+        a.emit(I.st(I.B, L.R_PKT, L.ETHOK, 1))
+        a.place(no)
     def _emit_pkttype(self, a: Assembler) -> None:
         """xt_pkttype's view: the skb's type, with looped-back packets classified by address."""
         btf = vmlinux()
@@ -123,8 +152,3 @@ class NetfilterFlavour(Flavour):
         a.place(done)
         a.emit(I.stx(I.B, L.R_PKT, I.R2, L.PKTTYPE))
 
-    def unsupported_field(self, f: Field) -> str | None:
-        """The MAC header is not reachable through the dynptr."""
-        if f is Field.SMAC:
-            return "the MAC source address is not readable from netfilter programs"
-        return None
