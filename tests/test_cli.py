@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers.packets import tcp, udp
+from helpers.packets import arp_request, tcp, udp
 from helpers.traffic import udp_send
 
 from bpfilter import netns
@@ -163,22 +163,38 @@ def test_ipv6_ruleset(topology, bpffs, tmp_path):
     assert "-A INPUT -p udp -m udp --dport 7001 -j DROP" in saved
 
 
-def test_check_pcap(tmp_path, bpffs):
+@pytest.mark.parametrize("hook", ["nf", "tc", "xdp"])
+def test_check_pcap(tmp_path, bpffs, hook):
     rules = tmp_path / "rules.v4"
     rules.write_text(RULES)
     pcap = tmp_path / "in.pcap"
     a, b = "192.0.2.1", "198.51.100.1"
     frames = [udp(a, b, dport=7001), udp(a, b, dport=7002), udp(a, b, dport=7003),
-              tcp(a, b, dport=80)]
+              tcp(a, b, dport=80), udp(a, b, dport=7001, vlan=10),
+              udp(a, b, dport=7002, vlan=[100, 10]), udp("2001:db8::1", "2001:db8::2", dport=7001),
+              arp_request(a, b)]
     write_pcap(str(pcap), frames)
-    r = bpfilter("check", "--json", "--pcap", str(pcap), str(rules), bpffs=bpffs)
+    r = bpfilter("check", "--json", "--hook", hook, "--iif", "eth0", "--pcap", str(pcap),
+                 str(rules), bpffs=bpffs)
     got = [json.loads(x) for x in r.stdout.splitlines()]
-    assert got == [
+    want = [
         {"packet": 1, "verdict": "DROP", "chain": "INPUT", "rule": 1},
         {"packet": 2, "verdict": "DROP", "chain": "BLOCK", "rule": 2},
         {"packet": 3, "verdict": "ACCEPT", "chain": "INPUT", "rule": None},
         {"packet": 4, "verdict": "ACCEPT", "chain": "INPUT", "rule": None},
     ]
+    passed = {"verdict": "PASS", "chain": None, "rule": None}
+    if hook != "nf":
+        # tc and XDP see link-layer frames: VLAN tags are skipped; what is not IPv4 passes.
+        want += [
+            {"packet": 5, "verdict": "DROP", "chain": "INPUT", "rule": 1},
+            {"packet": 6, "verdict": "DROP", "chain": "BLOCK", "rule": 2},
+        ]
+    else:
+        # The IPv4 netfilter hooks never see VLAN-tagged frames (their VLAN device does).
+        want += [{"packet": n, **passed} for n in (5, 6)]
+    want += [{"packet": n, **passed} for n in (7, 8)]
+    assert got == want
 
 
 def test_dump_is_annotated_with_rules(tmp_path, bpffs, topology):

@@ -94,6 +94,10 @@ class Checker:
     def run(self, frame: bytes) -> CheckResult:
         """Run one Ethernet frame through the program."""
         data = frame
+        if self.hook == "nf" and not self._family_frame(frame):
+            # The family's netfilter hooks never see it (another protocol, a VLAN-tagged
+            # frame still in front of its VLAN device): the ruleset does not apply.
+            return CheckResult("PASS", None, None, 0)
         if self.hook == "nf" and self.nf_hook == NfHook.LOCAL_OUT:
             data = frame[ETH_HLEN:]  # locally generated packets have no link-layer header yet
         trace = self.maps[TRACE]
@@ -109,6 +113,10 @@ class Checker:
         name = {Verdict.ACCEPT: "ACCEPT", Verdict.DROP: "DROP"}.get(verdict, "PASS")
         return CheckResult(name, slot.chain if slot else None, slot.rule if slot else None,
                            res.retval)
+
+    def _family_frame(self, frame: bytes) -> bool:
+        ethertype = int.from_bytes(frame[12:14], "big") if len(frame) >= ETH_HLEN else 0
+        return ethertype == (0x0800 if self.family is Family.IPV4 else 0x86DD)
 
     def counters(self) -> dict[tuple[str, int | None], Counters]:
         """Counters by (chain, rule) — rule None for a policy — summed over CPUs."""
