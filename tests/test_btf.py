@@ -210,6 +210,8 @@ _MIRRORED: dict[type[enum.Enum], str] = {
     consts.MapFlags: "BPF_F_{}",
     consts.UpdateFlags: "BPF_{}",
     consts.Helper: "BPF_FUNC_{}",
+    consts.SkbStoreFlags: "BPF_F_{}",  # anonymous UAPI enums: looked up by enumerator
+    consts.RedirectFlags: "BPF_F_{}",
 }
 _RENAMED = {  # tc return codes are #defines; tcx's enum tcx_action_base has the same values
     consts.TcAction.NEXT: "TCX_NEXT", consts.TcAction.OK: "TCX_PASS",

@@ -183,6 +183,21 @@ class XdpAction(IntEnum):
     REDIRECT = 4
 
 
+class SkbStoreFlags(IntFlag):
+    """Flags of bpf_skb_store_bytes."""
+
+    NONE = 0
+    RECOMPUTE_CSUM = 1 << 0  # keep a CHECKSUM_COMPLETE skb->csum right
+    INVALIDATE_HASH = 1 << 1
+
+
+class RedirectFlags(IntFlag):
+    """Flags of bpf_redirect."""
+
+    NONE = 0
+    INGRESS = 1 << 0  # into the device's receive path instead of out of it
+
+
 class TcAction(IntEnum):
     """tc/tcx program return codes (TC_ACT_*, TCX_*)."""
 
@@ -298,6 +313,9 @@ class Helper(IntEnum):
     dynptr_read = 201
     ktime_get_coarse_ns = 160
     probe_read_kernel = 113
+    skb_change_tail = 38
+    xdp_adjust_tail = 65
+    xdp_store_bytes = 190
 
 
 def helper_name(helper_id: int) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from ..bpf import insn as I
 from ..bpf.asm import Assembler, Label, Origin, Program
@@ -23,9 +24,10 @@ from ..ir.pred import Field, Pred, TcpOption, all_of, fields_of
 from ..matches import REGISTRY, Context, MatchError
 from ..matches.ip import BUILTIN_ORDER
 from . import layout as L
-from .classify.atoms import NotClassifiable, rule_entries
+from . import reject
+from .classify.atoms import NotClassifiable, fold_static, rule_entries
 from .classify.emit import NONE, emit_probe, group_maps
-from .classify.groups import Group, build_groups
+from .classify.groups import Group, build_groups, signature
 from .hooks.base import Flavour, HookPoint, Verdict
 from .parse import emit_parse
 from .predgen import PredGen, Unsupported
@@ -38,6 +40,9 @@ PASSED = 3  # trace verdict: the ruleset did not apply (non-IP, other family)
 MAX_CALL_DEPTH = 7  # the verifier allows 8 frames; the main program is one
 NEAR_BRANCH = 8191  # longest 16-bit branch in generated code; longer ones use gotol
 MIN_SEGMENT = 16  # shorter runs of classifiable rules stay linear code (cheaper)
+RULES_PER_GROUP = 4  # a segment must hold this many rules per lookup it needs
+MAX_GROUPS = 8  # lookups per segment (a run needing more is split)
+MAX_GROUPS_PER_TABLE = 48  # the kernel allows 64 maps per program
 # Action codes of classified rules (low byte; a chain index above it for jumps and gotos).
 ACT_ACCEPT, ACT_DROP, ACT_RETURN, ACT_JUMP, ACT_GOTO = 1, 2, 3, 4, 5
 
@@ -51,6 +56,7 @@ class Segment:
     groups: list[Group]
     actions: list[tuple[int, str | None]]  # per rule: (ACT_*, chain for jumps/gotos)
     fields: set[Field]
+    variant: int = 0  # which set of compile-time field values it was built for
 
 
 @dataclass(frozen=True)
@@ -148,8 +154,11 @@ class TableCompiler:
         self._preds: dict[tuple[str, int], Pred] = {}
         self.maps: dict[Hashable, MapSpec] = {}
         self.map_data: dict[Hashable, list[tuple[bytes, bytes]]] = {}
-        self._segments: dict[str, dict[int, Segment]] = {}
+        self._segments: dict[tuple, dict[int, Segment]] = {}
         self.min_segment = int(flavour.opts.get("min_segment", MIN_SEGMENT))
+        self.rules_per_group = int(flavour.opts.get("rules_per_group", RULES_PER_GROUP))
+        self._groups_used = 0
+        self._reject_kinds: list = []  # REJECT kinds of the program being compiled (by index)
 
     # -- lowering ------------------------------------------------------------------------
 
@@ -194,8 +203,19 @@ class TableCompiler:
             return
         if t.kind == "MARK" and self.fl.emit_store_mark(Assembler()):
             return
+        if t.kind == "REJECT":
+            if self._sends_replies:
+                return
+            raise CompileError(f"{rule_text(chain, n, rule)}: target REJECT needs a hook that can "
+                               f"send the reply; {self.fl.name} programs cannot transmit packets "
+                               "(use --hook tc or --hook xdp)", rule.origin)
         raise CompileError(f"{rule_text(chain, n, rule)}: target {t.kind!r} is not supported "
                            f"on hook {self.fl.name}", rule.origin)
+
+    @cached_property
+    def _sends_replies(self) -> bool:
+        """Whether the flavour can send REJECT's replies (asked once, with no kinds)."""
+        return self.fl.emit_reject(Assembler(), [])
 
     # -- programs ------------------------------------------------------------------------
 
@@ -237,27 +257,37 @@ class TableCompiler:
         needed: set[Field] = set()
         tcp_opts = False
         sets_mark = False
+        self._reject_kinds = []
         for c in [chain.name, *subs]:
             for n, rule in enumerate(self.table.chains[c].rules, 1):
                 self._check_target(c, n, rule)
                 if rule.target is not None and rule.target.kind == "MARK":
                     needed.add(Field.MARK)
                     sets_mark = True
+                if (rule.target is not None and rule.target.kind == "REJECT"
+                        and rule.target.params not in self._reject_kinds):
+                    self._reject_kinds.append(rule.target.params)
                 pred = self.rule_pred(c, n, rule)
                 needed |= fields_of(pred)
                 tcp_opts = tcp_opts or _uses(pred, TcpOption)
         verdict, passed = a.label("verdict"), a.label("pass")
         for c in [chain.name, *subs]:
-            for seg in self.segments(self.table.chains[c]).values():
+            for seg in self.segments(self.table.chains[c], fl).values():
                 needed |= seg.fields
-        classified = any(self.segments(self.table.chains[c]) for c in [chain.name, *subs])
+        classified = any(self.segments(self.table.chains[c], fl) for c in [chain.name, *subs])
         with a.origin(Origin(f"prologue: parse the packet ({fl.name}, {chain.name})")):
             emit_parse(a, fl, passed, tcp_options=tcp_opts, packet_class=classified)
             fl.emit_meta(a, needed)
         labels = {c: a.label(f"chain_{c}") for c in subs}
         self._chain_body(a, chain, labels, verdict, fl, main=True)
+        reject_at = a.label("reject") if self._reject_kinds else None
         with a.origin(Origin("epilogue: publish the decision, return the verdict")):
-            self._epilogue(a, verdict, passed, fl if sets_mark else None)
+            self._epilogue(a, verdict, passed, fl if sets_mark else None, reject_at)
+        if reject_at is not None:
+            self.maps[reject.REJECT_BUF] = reject.buffer_spec()
+            with a.origin(Origin("REJECT: build the reply and send it back")):
+                a.place(reject_at)
+                fl.emit_reject(a, self._reject_kinds)
         for c in subs:
             with a.origin(Origin(f"user chain {c}", c)):
                 a.place(labels[c])
@@ -269,7 +299,7 @@ class TableCompiler:
                     fl: Flavour, *, main: bool) -> None:
         policy = a.label("policy")
         gen = PredGen(a, fl.family, fl.static_fields())
-        segments = self.segments(chain)
+        segments = self.segments(chain, fl)
         i = 0
         while i < len(chain.rules):
             seg = segments.get(i)
@@ -326,22 +356,37 @@ class TableCompiler:
             return ACT_JUMP, t.params.chain
         return None
 
-    def segments(self, chain: Chain) -> dict[int, Segment]:
-        """Runs of at least `min_segment` classifiable rules, by start index."""
-        if chain.name in self._segments:
-            return self._segments[chain.name]
+    def segments(self, chain: Chain, fl: Flavour) -> dict[int, Segment]:
+        """Runs of at least `min_segment` classifiable rules, by start index.
+
+        Fields the hook knows when compiling (a tc/XDP program's interface) are folded into
+        the entries, so a chain reached from hooks that know different values gets one
+        variant per hook.
+        """
+        static = fl.static_fields()
+        ckey = (chain.name, tuple(sorted((f.ident, v) for f, v in static.items())))
+        if ckey in self._segments:
+            return self._segments[ckey]
+        variant = len(self._segments)
         out: dict[int, Segment] = {}
         run: list[tuple[int, list, tuple[int, str | None]]] = []
+        sigs: set = set()
 
         def close() -> None:
             if len(run) >= self.min_segment:
-                start = run[0][0]
                 groups = build_groups([e for _, e, _ in run])
-                fields = {f for g in groups for f, _ in g.fields}
-                fields |= {g.lpm_field for g in groups if g.lpm_field is not None}
-                out[start] = Segment(start, start + len(run), groups, [x for _, _, x in run],
-                                     fields)
+                # A lookup costs about as much as a dozen inline compares: keep the linear
+                # code where the run is too varied to pay for its lookups.
+                worth = len(run) >= self.rules_per_group * len(groups)
+                if worth and self._groups_used + len(groups) <= MAX_GROUPS_PER_TABLE:
+                    self._groups_used += len(groups)
+                    start = run[0][0]
+                    fields = {f for g in groups for f, _ in g.fields}
+                    fields |= {g.lpm_field for g in groups if g.lpm_field is not None}
+                    out[start] = Segment(start, start + len(run), groups,
+                                         [x for _, _, x in run], fields, variant)
             run.clear()
+            sigs.clear()
 
         for i, rule in enumerate(chain.rules):
             action = self._action(rule)
@@ -349,20 +394,25 @@ class TableCompiler:
             if action is not None:
                 try:
                     entries = rule_entries(self.rule_pred(chain.name, i + 1, rule), self.fl.family)
+                    entries = fold_static(entries, static)
                 except NotClassifiable:
                     entries = None
             if entries is None or action is None:
                 close()
                 continue
+            mine = {signature(e) for e in entries}
+            if len(sigs | mine) > MAX_GROUPS:
+                close()  # a new shape: start the next segment here
+            sigs |= mine
             run.append((i, entries, action))
         close()
-        self._segments[chain.name] = out
+        self._segments[ckey] = out
         return out
 
     def _segment(self, a: Assembler, chain: Chain, seg: Segment, labels: dict[str, Label],
                  verdict: Label, policy: Label, fl: Flavour, *, main: bool) -> None:
         base = self._slot[(chain.name, seg.start + 1)]
-        key = ("cls", chain.name, seg.start)
+        key = ("cls", chain.name, seg.variant, seg.start)
         sm = group_maps(key, seg.groups)
         self.maps.update(sm.specs)
         self.map_data.update(sm.data)
@@ -383,7 +433,7 @@ class TableCompiler:
             if len(kinds) == 1:
                 self._act(a, kinds[0], base, labels, verdict, policy, end, main=main)
             else:
-                akey = ("act", chain.name, seg.start)
+                akey = ("act", chain.name, seg.variant, seg.start)
                 self.maps[akey] = MapSpec(MapType.ARRAY, 4, 4 * n, 1, name="bpfilter_act")
                 ids = {c: i for i, c in enumerate(sorted({c for _, c in kinds if c}))}
                 table = b"".join((k | (ids[c] << 8 if c else 0)).to_bytes(4, "little")
@@ -453,6 +503,9 @@ class TableCompiler:
         if t.kind in (ACCEPT, DROP):
             _decide(a, slot)
             _finish(a, Verdict.ACCEPT if t.kind == ACCEPT else Verdict.DROP, verdict, main)
+        elif t.kind == "REJECT":
+            _decide(a, slot)
+            _finish(a, reject.verdict_code(self._reject_kinds.index(t.params)), verdict, main)
         elif t.kind == RETURN:
             if main:
                 a.goto(policy)
@@ -477,7 +530,7 @@ class TableCompiler:
                 a.place(cont)
 
     def _epilogue(self, a: Assembler, verdict: Label, passed: Label,
-                  mark_fl: Flavour | None) -> None:
+                  mark_fl: Flavour | None, reject_at: Label | None = None) -> None:
         publish = a.label("publish")
         a.place(passed)
         a.emit(I.st(I.W, L.R_PKT, L.DECIDER, 0), I.mov64_imm(I.R0, PASSED))
@@ -501,6 +554,9 @@ class TableCompiler:
         a.place(out)
         drop, pas = a.label("drop"), a.label("passcode")
         a.jump(JmpOp.JEQ, I.R7, PASSED, pas)
+        if reject_at is not None:  # the kind's number is in the bits above the verdict
+            a.emit(I.mov64(I.R1, I.R7), I.alu64(AluOp.AND, I.R1, 0xFF, reg=False))
+            a.jump(JmpOp.JEQ, I.R1, Verdict.REJECT, reject_at)
         a.jump(JmpOp.JNE, I.R7, Verdict.ACCEPT, drop)
         a.emit(I.mov64_imm(I.R0, self.fl.verdict_code(Verdict.ACCEPT)), I.exit_())
         a.place(drop)
@@ -571,7 +627,7 @@ def _decide(a: Assembler, slot: int) -> None:
     a.emit(I.st(I.W, L.R_PKT, L.DECIDER, slot))
 
 
-def _finish(a: Assembler, v: Verdict, verdict: Label, main: bool) -> None:
+def _finish(a: Assembler, v: int, verdict: Label, main: bool) -> None:
     a.emit(I.mov64_imm(I.R0, v))
     if main:
         a.goto(verdict)

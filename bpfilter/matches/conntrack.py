@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from ..ir.model import Family
 from .kernel import CtState, CtStatus
+from .names import net_text
 from .registry import REGISTRY, Context, MatchEntry, MatchError, Option
 from .util import Opts, arg, bang, exclusive, need, not_lowered, one
 from .values import (
@@ -130,9 +131,30 @@ def _save_conntrack(p: ConntrackMatch, ctx: Context) -> list[str]:
     return out
 
 
+def _describe_conntrack(p: ConntrackMatch, ctx: Context, numeric: bool) -> str:
+    out = ""
+    for key, t in p.tests:
+        v = t.value
+        out += " !" if t.invert else ""
+        if key == "ctstate":
+            out += " ctstate " + format_states(v)
+        elif key == "ctstatus":
+            out += " ctstatus " + (",".join(n for n in STATUS_PRINT if v & CtStatus[n]) or "NONE")
+        elif key in _ADDR_KEYS:
+            # An all-zero address is `anywhere` whatever its mask (libxt_conntrack's test).
+            anywhere = not numeric and not any(v.addr)
+            out += f" {key} " + ("anywhere" if anywhere else net_text(v, numeric))
+        elif key in (*_PORT_KEYS, "ctexpire"):
+            out += f" {key} {format_range(*v)}"
+        else:
+            out += f" {key} {v}"
+    return out[1:]
+
+
 CONNTRACK = REGISTRY.add_match(MatchEntry(
     "conntrack", tuple(Option((f"--{k}",), k, invert=k != "ctdir") for k in CT_KEYS),
-    _build_conntrack, _save_conntrack, not_lowered("conntrack")))
+    _build_conntrack, _save_conntrack, not_lowered("conntrack"),
+    describe=_describe_conntrack))
 
 
 @dataclass(frozen=True)
@@ -151,7 +173,9 @@ def _build_state(opts: Opts, ctx: Context) -> StateMatch:
 
 STATE = REGISTRY.add_match(MatchEntry(
     "state", (Option(("--state",), "state"),), _build_state,
-    lambda p, c: [*bang(p.invert), "--state", format_states(p.states)], not_lowered("state")))
+    lambda p, c: [*bang(p.invert), "--state", format_states(p.states)], not_lowered("state"),
+    # iptables implements -m state with conntrack, which prints it this way.
+    describe=lambda p, c, n: ("! " if p.invert else "") + "state " + format_states(p.states)))
 
 
 @dataclass(frozen=True)
@@ -176,7 +200,10 @@ def _save_connmark(p: ConnmarkMatch, ctx: Context) -> list[str]:
 
 CONNMARK = REGISTRY.add_match(MatchEntry(
     "connmark", (Option(("--mark",), "mark"),), _build_connmark, _save_connmark,
-    not_lowered("connmark")))
+    not_lowered("connmark"),
+    # "connmark match  0x1": the value comes with a space of its own.
+    describe=lambda p, c, n: "connmark match " + "!" * p.invert + " "
+    + _save_connmark(ConnmarkMatch(p.value, p.mask), c)[-1]))
 
 
 @dataclass(frozen=True)
@@ -195,7 +222,8 @@ def _build_helper(opts: Opts, ctx: Context) -> HelperMatch:
 
 HELPER = REGISTRY.add_match(MatchEntry(
     "helper", (Option(("--helper",), "helper"),), _build_helper,
-    lambda p, c: [*bang(p.invert), "--helper", quote(p.name)], not_lowered("helper")))
+    lambda p, c: [*bang(p.invert), "--helper", quote(p.name)], not_lowered("helper"),
+    describe=lambda p, c, n: f'helper match {"! " if p.invert else ""}"{p.name}"'))
 
 
 @dataclass(frozen=True)
@@ -237,4 +265,6 @@ CONNLIMIT = REGISTRY.add_match(MatchEntry(
      Option(("--connlimit-mask",), "connlimit-mask", invert=False),
      Option(("--connlimit-saddr",), "connlimit-saddr", nargs=0, invert=False),
      Option(("--connlimit-daddr",), "connlimit-daddr", nargs=0, invert=False)),
-    _build_connlimit, _save_connlimit, not_lowered("connlimit")))
+    _build_connlimit, _save_connlimit, not_lowered("connlimit"),
+    describe=lambda p, c, n: f"#conn {'dst' if p.daddr else 'src'}/{p.mask} "
+    f"{'>' if p.above else '<='} {p.limit}"))

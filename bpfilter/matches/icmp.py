@@ -138,6 +138,27 @@ def _save_icmp6(p: IcmpMatch, ctx: Context) -> list[str]:
     return [*bang(p.invert), "--icmpv6-type", text]
 
 
+def _describer(module: str, table: tuple[tuple[str, int, int, int], ...]):
+    # ip6tables 1.8.9 names no MLD types (it does not even parse them).
+    names = [e for e in table if not e[0].startswith("mld-")]
+
+    def describe(p: IcmpMatch, ctx: Context, numeric: bool) -> str:
+        inv = "!" if p.invert else ""
+        if not numeric:
+            for name, t, lo, hi in names:
+                if (t, lo, hi) == (p.type, p.code_lo, p.code_hi):
+                    return f"{module} {inv}{name}"
+        # The missing space after the module name is iptables' own.
+        out = f"{module} !type {p.type}" if p.invert else f"{module}type {p.type}"
+        if p.code_lo == p.code_hi:
+            out += f" code {p.code_lo}"
+        elif (p.code_lo, p.code_hi) != (0, 0xFF):
+            out += f" codes {p.code_lo}-{p.code_hi}"
+        return out
+
+    return describe
+
+
 def lower_icmp(p: IcmpMatch, ctx: Context) -> Pred:
     """A later fragment never matches, a short header drops; for ICMP (not ICMPv6: ip6_tables
     has no wildcard) type 255 matches every message."""
@@ -159,10 +180,11 @@ def lower_icmp(p: IcmpMatch, ctx: Context) -> Pred:
 ICMP = REGISTRY.add_match(MatchEntry(
     "icmp", (Option(("--icmp-type",), "icmp-type"),),
     _builder(ICMP_TYPES, "icmp-type", "ICMP"), _save_icmp, lower_icmp,
-    families=frozenset({Family.IPV4}), proto=(IpProto.ICMP,)))
+    families=frozenset({Family.IPV4}), proto=(IpProto.ICMP,),
+    describe=_describer("icmp", ICMP_TYPES)))
 
 ICMP6 = REGISTRY.add_match(MatchEntry(
     "icmp6", (Option(("--icmpv6-type",), "icmpv6-type"),),
     _builder(ICMPV6_TYPES, "icmpv6-type", "ICMPv6"), _save_icmp6, lower_icmp,
     families=frozenset({Family.IPV6}), proto=(IpProto.ICMPV6,),
-    aliases=("icmpv6", "ipv6-icmp")))
+    aliases=("icmpv6", "ipv6-icmp"), describe=_describer("ipv6-icmp", ICMPV6_TYPES)))

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..ir.model import Family
-from .misc import parse_dscp, parse_tos
+from .misc import parse_dscp, parse_tos, tos_symbol
 from .registry import REGISTRY, Context, MatchError, Option, TargetEntry
 from .util import Opts, arg, exclusive, need
 from .values import parse_uint
@@ -20,6 +20,9 @@ class HopSet:
 
     mode: str
     value: int
+
+
+_HOP_WORDS = {"set": "set to", "inc": "increment by", "dec": "decrement by"}
 
 
 def _hop_target(name: str, prefix: str, family: Family) -> TargetEntry:
@@ -37,7 +40,8 @@ def _hop_target(name: str, prefix: str, family: Family) -> TargetEntry:
     return TargetEntry(
         name, tuple(Option((f"--{prefix}-{m}",), m, invert=False) for m in modes), build,
         lambda p, c: [f"--{prefix}-{p.mode}", str(p.value)], terminal=False, tables=MANGLE,
-        families=frozenset({family}))
+        families=frozenset({family}),
+        describe=lambda p, c, n: f"{name} {_HOP_WORDS[p.mode]} {p.value}")
 
 
 TTL = REGISTRY.add_target(_hop_target("TTL", "ttl", Family.IPV4))
@@ -56,15 +60,32 @@ def _build_tos(opts: Opts, ctx: Context) -> tuple[int, int]:
     return {"and-tos": (0, ~bits & 0xFF), "or-tos": (bits, bits), "xor-tos": (bits, 0)}[op]
 
 
+def _describe_tos(p: tuple[int, int], ctx: Context, numeric: bool) -> str:
+    value, mask = p
+    if numeric:
+        return f"TOS set 0x{value:02x}/0x{mask:02x}"
+    if (sym := tos_symbol(value, mask, numeric)) is not None:
+        return f" TOS set{sym}"  # iptables' spacing, as printed
+    if value == 0:
+        return f"TOS and 0x{~mask & 0xFF:02x}"
+    if value == mask:
+        return f"TOS or 0x{value:02x}"
+    if mask == 0:
+        return f"TOS xor 0x{value:02x}"
+    return f"TOS set 0x{value:02x}/0x{mask:02x}"
+
+
 TOS = REGISTRY.add_target(TargetEntry(
     "TOS", tuple(Option((f"--{o}",), o, invert=False) for o in _TOS_OPS), _build_tos,
-    lambda p, c: ["--set-tos", f"0x{p[0]:02x}/0x{p[1]:02x}"], terminal=False, tables=MANGLE))
+    lambda p, c: ["--set-tos", f"0x{p[0]:02x}/0x{p[1]:02x}"], terminal=False, tables=MANGLE,
+    describe=_describe_tos))
 
 DSCP = REGISTRY.add_target(TargetEntry(
     "DSCP", (Option(("--set-dscp",), "set-dscp", invert=False),
              Option(("--set-dscp-class",), "set-dscp-class", invert=False)),
     lambda o, c: parse_dscp(o, "set-dscp", "set-dscp-class", "DSCP")[0],
-    lambda p, c: ["--set-dscp", f"0x{p:02x}"], terminal=False, tables=MANGLE))
+    lambda p, c: ["--set-dscp", f"0x{p:02x}"], terminal=False, tables=MANGLE,
+    describe=lambda p, c, n: f"DSCP set 0x{p:02x}"))
 
 
 def _build_classify(opts: Opts, ctx: Context) -> tuple[int, int]:
@@ -88,7 +109,7 @@ def _check_classify(p: object, ctx: Context) -> str | None:
 CLASSIFY = REGISTRY.add_target(TargetEntry(
     "CLASSIFY", (Option(("--set-class",), "set-class", invert=False),), _build_classify,
     lambda p, c: ["--set-class", f"{p[0]:04x}:{p[1]:04x}"], terminal=False, tables=MANGLE,
-    check_hook=_check_classify))
+    check_hook=_check_classify, describe=lambda p, c, n: f"CLASSIFY set {p[0]:x}:{p[1]:x}"))
 
 
 def _build_audit(opts: Opts, ctx: Context) -> str:
@@ -101,4 +122,4 @@ def _build_audit(opts: Opts, ctx: Context) -> str:
 
 AUDIT = REGISTRY.add_target(TargetEntry(
     "AUDIT", (Option(("--type",), "type", invert=False),), _build_audit,
-    lambda p, c: ["--type", p], terminal=False))
+    lambda p, c: ["--type", p], terminal=False, describe=lambda p, c, n: f"AUDIT {p}"))

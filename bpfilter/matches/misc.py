@@ -10,8 +10,10 @@ from dataclasses import dataclass
 from ..ir.model import Family
 from .kernel import IpProto
 from .registry import REGISTRY, Context, MatchEntry, MatchError, Option
+from .tcpudp import PortTest, describe_ports
 from .util import Opts, bang, exclusive, need, not_lowered, one
 from .values import (
+    PortRange,
     format_addr,
     format_range,
     parse_addr,
@@ -78,6 +80,28 @@ def _save_owner(p: tuple[tuple[str, Test], ...], ctx: Context) -> list[str]:
     return out
 
 
+_OWNER_LABELS = {"socket-exists": "owner socket exists", "uid-owner": "owner UID match",
+                 "gid-owner": "owner GID match", "suppl-groups": "incl. suppl. groups"}
+
+
+def _id_name(key: str, n: int) -> str | None:
+    try:
+        return pwd.getpwuid(n).pw_name if key == "uid-owner" else grp.getgrgid(n).gr_name
+    except KeyError:
+        return None
+
+
+def _describe_owner(p: tuple[tuple[str, Test], ...], ctx: Context, numeric: bool) -> str:
+    out = ""
+    for key, t in p:
+        out += f"{' !' if t.invert else ''} {_OWNER_LABELS[key]}"
+        if t.value is not None:
+            lo, hi = t.value
+            name = None if numeric or lo != hi else _id_name(key, lo)
+            out += f" {lo}-{hi}" if lo != hi else f" {name if name is not None else lo}"
+    return out[1:]
+
+
 def _check_owner(p: object, ctx: Context) -> str | None:
     if ctx.chain and ctx.chain not in ("OUTPUT", "POSTROUTING"):
         return f"owner: used from {ctx.chain}, but only valid from OUTPUT/POSTROUTING"
@@ -87,7 +111,8 @@ def _check_owner(p: object, ctx: Context) -> str | None:
 OWNER = REGISTRY.add_match(MatchEntry(
     "owner", (Option(("--uid-owner",), "uid-owner"), Option(("--gid-owner",), "gid-owner"),
               _flag("socket-exists", True), _flag("suppl-groups")),
-    _build_owner, _save_owner, not_lowered("owner"), check_hook=_check_owner))
+    _build_owner, _save_owner, not_lowered("owner"), check_hook=_check_owner,
+    describe=_describe_owner))
 
 # --- physdev ---------------------------------------------------------------------------------
 
@@ -127,7 +152,10 @@ PHYSDEV = REGISTRY.add_match(MatchEntry(
     "physdev", (Option(("--physdev-in",), "physdev-in"),
                 Option(("--physdev-out",), "physdev-out"), _flag("physdev-is-in", True),
                 _flag("physdev-is-out", True), _flag("physdev-is-bridged", True)),
-    _build_physdev, _save_physdev, not_lowered("physdev"), check_hook=_check_physdev))
+    _build_physdev, _save_physdev, not_lowered("physdev"), check_hook=_check_physdev,
+    describe=lambda p, c, n: "PHYSDEV match" + "".join(
+        f"{' !' if t.invert else ''} --{k}" + (f" {t.value}" if t.value is not None else "")
+        for k, t in p)))
 
 # --- rpfilter --------------------------------------------------------------------------------
 
@@ -145,7 +173,8 @@ def _check_rpfilter(p: object, ctx: Context) -> str | None:
 RPFILTER = REGISTRY.add_match(MatchEntry(
     "rpfilter", tuple(_flag(f) for f in RPF_FLAGS),
     lambda o, c: tuple(f for f in RPF_FLAGS if f in o),
-    lambda p, c: [f"--{f}" for f in p], not_lowered("rpfilter"), check_hook=_check_rpfilter))
+    lambda p, c: [f"--{f}" for f in p], not_lowered("rpfilter"), check_hook=_check_rpfilter,
+    describe=lambda p, c, n: " ".join(("rpfilter", *p))))
 
 # --- rt (IPv6 routing header) ----------------------------------------------------------------
 
@@ -184,11 +213,37 @@ def _save_rt(p: tuple[tuple[str, Test], ...], ctx: Context) -> list[str]:
     return out
 
 
+def describe_nums(name: str, lo: int, hi: int, invert: bool) -> str:
+    """` segsleft:3` / ` segslefts:!1:23`: a 32-bit range as the rt match prints it."""
+    inv = "!" if invert else ""
+    if (lo, hi) == (0, 0xFFFFFFFF) and not invert:
+        return ""
+    return f" {name}:{inv}{lo}" if lo == hi else f" {name}s:{inv}{lo}:{hi}"
+
+
+def _describe_rt(p: tuple[tuple[str, Test], ...], ctx: Context, numeric: bool) -> str:
+    out = "rt"
+    for key, t in p:
+        inv = "!" if t.invert else ""
+        if key == "rt-type":
+            out += f" type:{inv}{t.value}"
+        elif key == "rt-segsleft":
+            out += describe_nums("segsleft", *t.value, t.invert)
+        elif key == "rt-len":
+            out += f" length:{inv}{t.value}"
+        elif key == "rt-0-addrs":
+            out += " 0-addrs " + ",".join(format_addr(a) for a in t.value)
+        else:
+            out += {"rt-0-res": " reserved", "rt-0-not-strict": " 0-not-strict"}[key]
+    return out
+
+
 RT = REGISTRY.add_match(MatchEntry(
     "rt", (Option(("--rt-type",), "rt-type"), Option(("--rt-segsleft",), "rt-segsleft"),
            Option(("--rt-len",), "rt-len"), _flag("rt-0-res"),
            Option(("--rt-0-addrs",), "rt-0-addrs", invert=False), _flag("rt-0-not-strict")),
-    _build_rt, _save_rt, not_lowered("rt"), families=frozenset({Family.IPV6})))
+    _build_rt, _save_rt, not_lowered("rt"), families=frozenset({Family.IPV6}),
+    describe=_describe_rt))
 
 # --- sctp ------------------------------------------------------------------------------------
 
@@ -241,11 +296,47 @@ def _save_sctp(p: tuple[tuple[str, Test], ...], ctx: Context) -> list[str]:
     return out
 
 
+# Flag letters per chunk type, most significant bit first ("-": no flag at that bit).
+SCTP_FLAGS = {"DATA": "----IUBE", "I_DATA": "----IUBE", "ABORT": "-------T",
+              "SHUTDOWN_COMPLETE": "-------T"}
+
+
+def _chunk_flags(name: str, given: str) -> str:
+    """Flags as iptables prints them: by bit, upper case set, lower case clear."""
+    letters = SCTP_FLAGS.get(name, "")
+    out = ""
+    for letter in letters:
+        hits = [c for c in given if c.upper() == letter]
+        if hits:
+            out += hits[-1]
+    return ":" + out if out else ""
+
+
+def _describe_sctp(p: tuple[tuple[str, Test], ...], ctx: Context, numeric: bool) -> str:
+    out = "sctp"
+    for key, t in p:
+        if key != "chunk-types":
+            name = "spt" if key == "sport" else "dpt"
+            out += describe_ports(name, PortTest(PortRange(*t.value), t.invert), "sctp", numeric)
+            continue
+        kind, chunks = t.value
+        out += f"{' !' if t.invert else ''} {kind}"
+        if not chunks:
+            out += " NONE"
+        elif len(chunks) == len(SCTP_CHUNKS) and not any(f for _, f in chunks):
+            out += " ALL"  # `ALL` sets every chunk bit (the model keeps the named ones)
+        else:
+            out += " " + ",".join((f"0x{SCTP_CHUNKS[n]:04X}" if numeric else n)
+                                  + _chunk_flags(n, f) for n, f in chunks)
+    return out
+
+
 SCTP = REGISTRY.add_match(MatchEntry(
     "sctp", (Option(("--source-port", "--sport"), "sport"),
              Option(("--destination-port", "--dport"), "dport"),
              Option(("--chunk-types",), "chunk-types", nargs=2)),
-    _build_sctp, _save_sctp, not_lowered("sctp"), proto=(IpProto.SCTP,)))
+    _build_sctp, _save_sctp, not_lowered("sctp"), proto=(IpProto.SCTP,),
+    describe=_describe_sctp))
 
 # --- esp, ah, tcpmss: one numeric range each -------------------------------------------------
 
@@ -270,8 +361,13 @@ def _range_entry(name: str, key: str, hi: int, proto: tuple[int, ...] | None,
     def save(p: Test | None, ctx: Context) -> list[str]:
         return [] if p is None else [*bang(p.invert), f"--{key}", format_range(*p.value)]
 
+    def describe(p: Test | None, ctx: Context, numeric: bool) -> str:
+        if name == "tcpmss":
+            return f"tcpmss match {'!' if p.invert else ''}{format_range(*p.value)}"
+        return name + ("" if p is None else describe_nums("spi", *p.value, p.invert))
+
     return MatchEntry(name, (Option((f"--{key}",), key),), build, save, not_lowered(name),
-                      proto=proto, families=families)
+                      proto=proto, families=families, describe=describe)
 
 
 ESP = REGISTRY.add_match(_range_entry("esp", "espspi", 0xFFFFFFFF, (IpProto.ESP,)))
@@ -308,9 +404,18 @@ def _save_ah(p: AhMatch, ctx: Context) -> list[str]:
     return out + (["--ahres"] if p.res else [])
 
 
+def _describe_ah(p: AhMatch, ctx: Context, numeric: bool) -> str:
+    # "ah spi:5length:6": ah prints its parts without separating spaces.
+    out = "ah " + ("" if p.spi is None else describe_nums("spi", *p.spi.value,
+                                                          p.spi.invert)[1:])
+    if p.length is not None and (p.length.value or p.length.invert):
+        out += f"length:{'!' if p.length.invert else ''}{p.length.value}"
+    return out + (" reserved" if p.res else "")
+
+
 AH = REGISTRY.add_match(MatchEntry(
     "ah", (Option(("--ahspi",), "ahspi"), Option(("--ahlen",), "ahlen"), _flag("ahres")),
-    _build_ah, _save_ah, not_lowered("ah")))
+    _build_ah, _save_ah, not_lowered("ah"), describe=_describe_ah))
 
 # --- dscp, tos, cpu --------------------------------------------------------------------------
 
@@ -345,7 +450,24 @@ def parse_tos(text: str) -> tuple[int, int]:
 DSCP = REGISTRY.add_match(MatchEntry(
     "dscp", (Option(("--dscp",), "dscp"), Option(("--dscp-class",), "dscp-class")),
     lambda o, c: parse_dscp(o, "dscp", "dscp-class", "dscp"),
-    lambda p, c: [*bang(p[1]), "--dscp", f"0x{p[0]:02x}"], not_lowered("dscp")))
+    lambda p, c: [*bang(p[1]), "--dscp", f"0x{p[0]:02x}"], not_lowered("dscp"),
+    describe=lambda p, c, n: f"DSCP match {'!' if p[1] else ''}0x{p[0]:02x}"))
+
+
+# The names `tos` and `TOS` print for a value under mask 0x3f (iptables' spelling).
+TOS_SYMBOLS = {0x10: "Minimize-Delay", 0x08: "Maximize-Throughput",
+               0x04: "Maximize-Reliability", 0x02: "Minimize-Cost", 0x00: "Normal-Service"}
+
+
+def tos_symbol(value: int, mask: int, numeric: bool) -> str | None:
+    """The symbolic name iptables prints for (value, mask), if any."""
+    return None if numeric or mask != 0x3F else TOS_SYMBOLS.get(value)
+
+
+def _describe_tos(p: tuple[int, int, bool], ctx: Context, numeric: bool) -> str:
+    sym = tos_symbol(p[0], p[1], numeric)
+    return "tos match" + ("!" if p[2] else "") + (
+        f" {sym}" if sym is not None else f"0x{p[0]:02x}/0x{p[1]:02x}")
 
 
 def _build_tos(opts: Opts, ctx: Context) -> tuple[int, int, bool]:
@@ -356,7 +478,8 @@ def _build_tos(opts: Opts, ctx: Context) -> tuple[int, int, bool]:
 
 TOS = REGISTRY.add_match(MatchEntry(
     "tos", (Option(("--tos",), "tos"),), _build_tos,
-    lambda p, c: [*bang(p[2]), "--tos", f"0x{p[0]:02x}/0x{p[1]:02x}"], not_lowered("tos")))
+    lambda p, c: [*bang(p[2]), "--tos", f"0x{p[0]:02x}/0x{p[1]:02x}"], not_lowered("tos"),
+    describe=_describe_tos))
 
 
 def _build_cpu(opts: Opts, ctx: Context) -> tuple[int, bool]:
@@ -367,5 +490,6 @@ def _build_cpu(opts: Opts, ctx: Context) -> tuple[int, bool]:
 
 CPU = REGISTRY.add_match(MatchEntry(
     "cpu", (Option(("--cpu",), "cpu"),), _build_cpu,
-    lambda p, c: [*bang(p[1]), "--cpu", str(p[0])], not_lowered("cpu")))
+    lambda p, c: [*bang(p[1]), "--cpu", str(p[0])], not_lowered("cpu"),
+    describe=lambda p, c, n: f"cpu {'! ' if p[1] else ''}{p[0]}"))
 

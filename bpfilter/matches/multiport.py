@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from ..ir.pred import L4, Cmp, Field, Pred, Range, TransportHeader, all_of, any_of, negate
 from .kernel import IpProto
+from .names import port_text
 from .registry import REGISTRY, Context, MatchEntry, MatchError, Option
 from .util import Opts, bang, exclusive, one
 from .values import PortRange, parse_port, proto_name
@@ -61,6 +62,21 @@ def _save(p: MultiportMatch, ctx: Context) -> list[str]:
     return [*bang(p.invert), _FLAGS[p.which], ",".join(str(r) for r in p.ports)]
 
 
+# The protocols multiport looks service names up for (by `-p`); others print numbers.
+_PROTO_NAMES = {IpProto.TCP: "tcp", IpProto.UDP: "udp", IpProto.UDPLITE: "udplite",
+                IpProto.SCTP: "sctp", IpProto.DCCP: "dccp"}
+
+
+def _describe(p: MultiportMatch, ctx: Context, numeric: bool) -> str:
+    proto = _PROTO_NAMES.get(ctx.proto) if ctx.proto is not None else None
+    ports = ",".join(
+        port_text(r.lo, proto, numeric) + ("" if r.lo == r.hi else
+                                           ":" + port_text(r.hi, proto, numeric))
+        for r in p.ports)
+    # "dports  !80": iptables prints the negation after a space of its own.
+    return f"multiport {p.which} {' !' if p.invert else ''}{ports}"
+
+
 def _lower(p: MultiportMatch, ctx: Context) -> Pred:
     fields = {"sports": (Field.SPORT,), "dports": (Field.DPORT,),
               "ports": (Field.SPORT, Field.DPORT)}[p.which]
@@ -77,4 +93,4 @@ MULTIPORT = REGISTRY.add_match(MatchEntry(
     (Option(("--source-ports", "--sports"), "sports"),
      Option(("--destination-ports", "--dports"), "dports"),
      Option(("--ports",), "ports")),
-    _build, _save, _lower, proto=PROTOS, proto_first=True))
+    _build, _save, _lower, proto=PROTOS, proto_first=True, describe=_describe))

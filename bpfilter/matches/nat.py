@@ -141,9 +141,13 @@ def _nat_entry(name: str, opt: str, flags: tuple[str, ...], chains: tuple[str, .
             return f"{name}: used from {ctx.chain}, but only valid from {'/'.join(chains)}"
         return None
 
+    def describe(p: Nat, ctx: Context, numeric: bool) -> str:
+        return " ".join([f"to:{format_nat_range(p.range, ctx.family)}", *p.flags])
+
     aliases = ("--to",) if name == "DNAT" else ()
     options = (Option((opt, *aliases), key, invert=False), *_flag_opts(*flags))
-    return TargetEntry(name, options, build, save, tables=frozenset({"nat"}), check_hook=check)
+    return TargetEntry(name, options, build, save, tables=frozenset({"nat"}), check_hook=check,
+                       describe=describe)
 
 
 SNAT = REGISTRY.add_target(_nat_entry(
@@ -175,8 +179,17 @@ def _ports_entry(name: str, flags: tuple[str, ...], chains: tuple[str, ...]) -> 
             return f"{name}: used from {ctx.chain}, but only valid from {'/'.join(chains)}"
         return None
 
+    def describe(p: Nat, ctx: Context, numeric: bool) -> str:
+        words = list(p.flags)
+        if p.range.port_lo is not None:
+            lo, hi = p.range.port_lo, p.range.port_hi
+            label = "masq ports:" if name == "MASQUERADE" else "redir ports"
+            words.insert(0, f"{label} {lo}" + ("" if lo == hi else f"-{hi}"))
+        return " ".join(words)
+
     options = (Option(("--to-ports",), "to-ports", invert=False), *_flag_opts(*flags))
-    return TargetEntry(name, options, build, save, tables=frozenset({"nat"}), check_hook=check)
+    return TargetEntry(name, options, build, save, tables=frozenset({"nat"}), check_hook=check,
+                       describe=describe)
 
 
 MASQUERADE = REGISTRY.add_target(_ports_entry(

@@ -88,10 +88,19 @@ def _lower_iprange(p: IprangeMatch, ctx: Context) -> Pred:
     return all_of(*preds)
 
 
+def _describe_iprange(p: IprangeMatch, ctx: Context, numeric: bool) -> str:
+    out = []
+    for name, r in (("source", p.src), ("destination", p.dst)):
+        if r is not None:
+            out.append(f"{name} IP range {'! ' if r.invert else ''}"
+                       f"{format_addr(r.lo)}-{format_addr(r.hi)}")
+    return " ".join(out)
+
+
 IPRANGE = REGISTRY.add_match(MatchEntry(
     "iprange",
     (Option(("--src-range",), "src-range"), Option(("--dst-range",), "dst-range")),
-    _build_iprange, _save_iprange, _lower_iprange))
+    _build_iprange, _save_iprange, _lower_iprange, describe=_describe_iprange))
 
 # --- comment ---------------------------------------------------------------------------------
 
@@ -108,7 +117,8 @@ def _build_comment(opts: Opts, ctx: Context) -> str:
 
 COMMENT = REGISTRY.add_match(MatchEntry(
     "comment", (Option(("--comment",), "comment", invert=False),),
-    _build_comment, lambda p, c: ["--comment", quote(p)], lambda p, c: Const(True)))
+    _build_comment, lambda p, c: ["--comment", quote(p)], lambda p, c: Const(True),
+    describe=lambda p, c, n: f"/* {p} */"))
 
 # --- length ----------------------------------------------------------------------------------
 
@@ -134,9 +144,13 @@ def _save_length(p: LengthMatch, ctx: Context) -> list[str]:
     return [*bang(p.invert), "--length", text]
 
 
+def _describe_length(p: LengthMatch, ctx: Context, numeric: bool) -> str:
+    return f"length {'!' if p.invert else ''}{p.lo}" + ("" if p.lo == p.hi else f":{p.hi}")
+
+
 LENGTH = REGISTRY.add_match(MatchEntry(
     "length", (Option(("--length",), "length"),), _build_length, _save_length,
-    lambda p, c: negate(Range(Field.IPLEN, p.lo, p.hi), p.invert)))
+    lambda p, c: negate(Range(Field.IPLEN, p.lo, p.hi), p.invert), describe=_describe_length))
 
 # --- ttl / hl --------------------------------------------------------------------------------
 
@@ -175,9 +189,14 @@ def _hop_entry(name: str, family: Family) -> MatchEntry:
             return Range(Field.TTL, 0, p.value - 1) if p.value > 0 else Const(False)
         return Range(Field.TTL, p.value + 1, 255) if p.value < 255 else Const(False)
 
+    def describe(p: HopMatch, ctx: Context, numeric: bool) -> str:
+        op = {"eq": "==", "ne": "!=", "lt": "<", "gt": ">"}[p.mode]
+        return f"{name.upper()} match {name.upper()} {op} {p.value}"
+
     options = (Option((flags["eq"],), "eq"), Option((flags["lt"],), "lt", invert=False),
                Option((flags["gt"],), "gt", invert=False))
-    return MatchEntry(name, options, build, save, lower, families=frozenset({family}))
+    return MatchEntry(name, options, build, save, lower, families=frozenset({family}),
+                      describe=describe)
 
 
 TTL = REGISTRY.add_match(_hop_entry("ttl", Family.IPV4))
@@ -240,7 +259,8 @@ def _skb_only(what: str):
 PKTTYPE = REGISTRY.add_match(MatchEntry(
     "pkttype", (Option(("--pkt-type",), "pkt-type"),), _build_pkttype,
     lambda p, c: [*bang(p.invert), "--pkt-type", _PKT_NAMES[p.type]], _lower_pkttype,
-    check_hook=_skb_only("pkttype")))
+    check_hook=_skb_only("pkttype"),
+    describe=lambda p, c, n: f"PKTTYPE {'!' if p.invert else ''}= {_PKT_NAMES[p.type]}"))
 
 # --- mac -------------------------------------------------------------------------------------
 
@@ -271,7 +291,8 @@ MAC = REGISTRY.add_match(MatchEntry(
     "mac", (Option(("--mac-source",), "mac-source"),), _build_mac,
     lambda p, c: [*bang(p.invert), "--mac-source", format_mac(p.mac)],
     lambda p, c: all_of(EtherHeader(), negate(Cmp(Field.SMAC, p.mac), p.invert)),
-    check_hook=_check_mac))
+    check_hook=_check_mac,
+    describe=lambda p, c, n: f"MAC {'! ' if p.invert else ''}{format_mac(p.mac)}"))
 
 # --- mark ------------------------------------------------------------------------------------
 
@@ -301,7 +322,8 @@ MARK = REGISTRY.add_match(MatchEntry(
     "mark", (Option(("--mark",), "mark"),), _build_mark,
     lambda p, c: [*bang(p.invert), "--mark", format_mark(p.value, p.mask)],
     lambda p, c: negate(Cmp(Field.MARK, p.value, p.mask), p.invert),
-    check_hook=_skb_only("the packet mark")))
+    check_hook=_skb_only("the packet mark"),
+    describe=lambda p, c, n: "mark match " + "! " * p.invert + format_mark(p.value, p.mask)))
 
 # --- addrtype --------------------------------------------------------------------------------
 
@@ -376,6 +398,15 @@ def _lower_addrtype(p: AddrTypeMatch, ctx: Context) -> Pred:
     return all_of(*preds)
 
 
+def _describe_addrtype(p: AddrTypeMatch, ctx: Context, numeric: bool) -> str:
+    out = "ADDRTYPE match"
+    if p.src:
+        out += f" src-type {'!' if p.src_invert else ''}{format_types(p.src)}"
+    if p.dst:
+        out += f" dst-type {'!' if p.dst_invert else ''}{format_types(p.dst)}"
+    return out + (f" limit-{p.dev}" if p.dev else "")
+
+
 def _check_addrtype(p: AddrTypeMatch, ctx: Context) -> str | None:
     if p.dev == "out" and ctx.chain in ("PREROUTING", "INPUT"):
         return "addrtype: output interface limitation not valid in PREROUTING and INPUT"
@@ -389,4 +420,5 @@ ADDRTYPE = REGISTRY.add_match(MatchEntry(
     (Option(("--src-type",), "src-type"), Option(("--dst-type",), "dst-type"),
      Option(("--limit-iface-in",), "limit-iface-in", nargs=0, invert=False),
      Option(("--limit-iface-out",), "limit-iface-out", nargs=0, invert=False)),
-    _build_addrtype, _save_addrtype, _lower_addrtype, check_hook=_check_addrtype))
+    _build_addrtype, _save_addrtype, _lower_addrtype, check_hook=_check_addrtype,
+    describe=_describe_addrtype))

@@ -72,7 +72,8 @@ def _save_limit(p: LimitMatch, ctx: Context) -> list[str]:
 LIMIT = REGISTRY.add_match(MatchEntry(
     "limit", (Option(("--limit",), "limit", invert=False),
               Option(("--limit-burst",), "limit-burst", invert=False)),
-    _build_limit, _save_limit, not_lowered("limit")))
+    _build_limit, _save_limit, not_lowered("limit"),
+    describe=lambda p, c, n: f"limit: avg {format_rate(p.period, LIMIT_SCALE)[0]} burst {p.burst}"))
 
 # --- hashlimit -------------------------------------------------------------------------------
 
@@ -194,6 +195,61 @@ def _save_hashlimit(p: HashlimitMatch, ctx: Context) -> list[str]:
     return out
 
 
+# Byte mode: the kernel keeps a cost per byte rate, not the rate (xt_hashlimit.h).
+_U32 = 0xFFFFFFFF
+BYTE_SHIFT = 4  # XT_HASHLIMIT_BYTE_SHIFT
+
+
+def _bytes_to_cost(n: int) -> int:
+    return _U32 // ((n >> BYTE_SHIFT) + 1)
+
+
+def _cost_to_bytes(cost: int) -> int:
+    return ((_U32 // cost if cost else _U32) - 1) << BYTE_SHIFT
+
+
+def _describe_bytes(rate: int, burst: int) -> str:
+    """` 4kb/s burst 400kb` from what the kernel holds: the rounded rate, burst in rates."""
+    cost = _bytes_to_cost(rate)
+    r = _cost_to_bytes(cost)
+    suffix, mult = next(((s, m) for s, m in BYTE_UNITS
+                         if r >= m and _bytes_to_cost(r & ~(m - 1)) == cost), BYTE_UNITS[-1])
+    out = f" {r // mult}{suffix}/s"
+    if burst:
+        total = r * -(-burst // r)  # the kernel keeps burst as a whole number of rates
+        suffix, mult = next((s, m) for s, m in BYTE_UNITS if total >= m or m == 1)
+        out += f" burst {total // mult}{suffix}"
+    return out
+
+
+def _describe_hashlimit(p: HashlimitMatch, ctx: Context, numeric: bool) -> str:
+    out = "limit: above" if p.above else "limit: up to"
+    if p.bytes_mode:
+        out += _describe_bytes(p.rate, p.burst)
+        quantum = 30000 if p.burst else 15000
+        expire = p.expire if p.expire is not None else quantum
+    else:
+        # With --hashlimit-rate-match iptables prints the rate over the whole interval.
+        period = p.rate * (p.rate_interval if p.rate_match else 1)
+        text, quantum = format_rate(period, HASHLIMIT_SCALE)
+        out += f" {text} burst {p.burst}"
+        expire = p.expire if p.expire is not None else format_rate(p.rate, HASHLIMIT_SCALE)[1]
+    if p.modes:
+        out += " mode " + "-".join(p.modes)
+    for key, value, default in (("htable-size", p.size, 0), ("htable-max", p.max, 0),
+                                ("htable-gcinterval", p.gcinterval, 1000),
+                                ("htable-expire", expire, quantum)):
+        if value != default:
+            out += f" {key} {value}"
+    for key, mask in (("srcmask", p.srcmask), ("dstmask", p.dstmask)):
+        if mask is not None:
+            out += f" {key} {mask}"
+    if p.rate_match:
+        out += " rate-match" + (f" rate-interval {p.rate_interval}"
+                                if p.rate_interval != 1 else "")
+    return out
+
+
 def _hl(key: str, *extra: str, nargs: int = 1, invert: bool = False) -> Option:
     return Option((f"--hashlimit-{key}", *extra), key, nargs=nargs, invert=invert)
 
@@ -204,7 +260,8 @@ HASHLIMIT = REGISTRY.add_match(MatchEntry(
      _hl("mode"), _hl("name"), _hl("htable-size"), _hl("htable-max"),
      _hl("htable-gcinterval"), _hl("htable-expire"), _hl("srcmask"), _hl("dstmask"),
      _hl("rate-match", nargs=0), _hl("rate-interval")),
-    _build_hashlimit, _save_hashlimit, not_lowered("hashlimit")))
+    _build_hashlimit, _save_hashlimit, not_lowered("hashlimit"),
+    describe=_describe_hashlimit))
 
 # --- recent ----------------------------------------------------------------------------------
 
@@ -266,6 +323,17 @@ def _save_recent(p: RecentMatch, ctx: Context) -> list[str]:
     return [*out, "--name", bare(p.name), "--mask", format_addr(p.mask), side]
 
 
+def _describe_recent(p: RecentMatch, ctx: Context, numeric: bool) -> str:
+    mode = {"set": "SET", "rcheck": "CHECK", "update": "UPDATE", "remove": "REMOVE"}[p.mode]
+    out = ("! " if p.invert else "") + f"recent: {mode}"
+    out += f" seconds: {p.seconds}" if p.seconds else ""
+    out += " reap" if p.reap else ""
+    out += f" hit_count: {p.hitcount}" if p.hitcount else ""
+    out += " TTL-Match" if p.rttl else ""
+    side = "dest" if p.rdest else "source"
+    return out + f" name: {p.name} side: {side} mask: {format_addr(p.mask)}"
+
+
 def _flag(name: str) -> Option:
     return Option((f"--{name}",), name, nargs=0, invert=False)
 
@@ -277,7 +345,7 @@ RECENT = REGISTRY.add_match(MatchEntry(
      Option(("--hitcount",), "hitcount", invert=False), _flag("rttl"),
      Option(("--name",), "name", invert=False), Option(("--mask",), "mask", invert=False),
      _flag("rsource"), _flag("rdest")),
-    _build_recent, _save_recent, not_lowered("recent")))
+    _build_recent, _save_recent, not_lowered("recent"), describe=_describe_recent))
 
 # --- statistic, quota, nfacct ----------------------------------------------------------------
 
@@ -327,11 +395,20 @@ def _save_statistic(p: StatisticMatch, ctx: Context) -> list[str]:
             str(p.packet)]
 
 
+def _describe_statistic(p: StatisticMatch, ctx: Context, numeric: bool) -> str:
+    inv = " !" if p.invert else ""
+    if p.mode == "random":
+        return f"statistic mode random{inv} probability {p.probability / 0x80000000:.11f}"
+    return f"statistic mode nth{inv} every {p.every}" + (
+        f" packet {p.packet}" if p.packet else "")
+
+
 STATISTIC = REGISTRY.add_match(MatchEntry(
     "statistic",
     (Option(("--mode",), "mode", invert=False), Option(("--probability",), "probability"),
      Option(("--every",), "every"), Option(("--packet",), "packet", invert=False)),
-    _build_statistic, _save_statistic, not_lowered("statistic")))
+    _build_statistic, _save_statistic, not_lowered("statistic"),
+    describe=_describe_statistic))
 
 
 def _build_quota(opts: Opts, ctx: Context) -> tuple[int, bool]:
@@ -342,7 +419,8 @@ def _build_quota(opts: Opts, ctx: Context) -> tuple[int, bool]:
 
 QUOTA = REGISTRY.add_match(MatchEntry(
     "quota", (Option(("--quota",), "quota"),), _build_quota,
-    lambda p, c: [*bang(p[1]), "--quota", str(p[0])], not_lowered("quota")))
+    lambda p, c: [*bang(p[1]), "--quota", str(p[0])], not_lowered("quota"),
+    describe=lambda p, c, n: f"quota: {p[0]} bytes"))  # the negation is not printed
 
 
 def _build_nfacct(opts: Opts, ctx: Context) -> str:
@@ -355,4 +433,6 @@ def _build_nfacct(opts: Opts, ctx: Context) -> str:
 
 NFACCT = REGISTRY.add_match(MatchEntry(
     "nfacct", (Option(("--nfacct-name",), "nfacct-name", invert=False),), _build_nfacct,
-    lambda p, c: ["--nfacct-name", quote(p)], not_lowered("nfacct")))
+    lambda p, c: ["--nfacct-name", quote(p)], not_lowered("nfacct"),
+    # Two spaces: the name is printed by a helper that brings its own.
+    describe=lambda p, c, n: f"nfacct-name  {quote(p)}"))

@@ -72,6 +72,12 @@ class Context:
     matches: tuple[Any, ...] = ()
 
 
+# `describe(params, ctx, numeric)`: the text the extension's print function writes into the
+# last column of `iptables -L` (`numeric` is -n), without the one space every print starts
+# with: "tcp dpt:22", "reject-with icmp-port-unreachable"; "" when it prints nothing.
+Describe = Callable[[Any, Context, bool], str]
+
+
 @dataclass(frozen=True)
 class MatchEntry:
     """A match kind."""
@@ -92,6 +98,8 @@ class MatchEntry:
     builtin: bool = False  # printed without `-m` (the ip/ip6 header part of a rule)
     # `-p` must precede the match's options (multiport checks it while parsing them).
     proto_first: bool = False
+    # What `iptables -L` prints for it (the extension's print function), see `Describe`.
+    describe: Describe | None = None
 
     def option(self, name: str) -> Option | None:
         """The option spelled `name`, if this entry has it."""
@@ -113,6 +121,7 @@ class TargetEntry:
     families: frozenset[Family] = frozenset(Family)
     tables: frozenset[str] | None = None  # tables it is valid in (None: all)
     check_hook: Callable[[Any, Context], str | None] | None = None
+    describe: Describe | None = None  # see `Describe`; None: iptables -L prints nothing
 
 
 @dataclass

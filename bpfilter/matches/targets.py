@@ -77,7 +77,8 @@ def _check_reject(p: Reject, ctx: Context) -> str | None:
 REJECT = REGISTRY.add_target(TargetEntry(
     "REJECT", (Option(("--reject-with",), "reject-with", invert=False),),
     _build_reject, lambda p, c: ["--reject-with", p.name],
-    tables=frozenset({"filter"}), check_hook=_check_reject))
+    tables=frozenset({"filter"}), check_hook=_check_reject,
+    describe=lambda p, c, n: f"reject-with {p.name}"))
 
 # --- MARK ------------------------------------------------------------------------------------
 
@@ -110,6 +111,19 @@ def _build_mark(opts: Opts, ctx: Context) -> MarkSet:
     raise AssertionError("unreachable")
 
 
+def describe_xmark(who: str, value: int, mask: int) -> str:
+    """How MARK and CONNMARK print `(mark & ~mask) ^ value`: as the simplest operation."""
+    if value == 0:
+        return f"{who} and 0x{~mask & 0xFFFFFFFF:x}"
+    if value == mask:
+        return f"{who} or 0x{value:x}"
+    if mask == 0:
+        return f"{who} xor 0x{value:x}"
+    if mask == 0xFFFFFFFF:
+        return f"{who} set 0x{value:x}"
+    return f"{who} xset 0x{value:x}/0x{mask:x}"
+
+
 def _check_mark(p: MarkSet, ctx: Context) -> str | None:
     if ctx.hook == "xdp":
         return "MARK: the packet mark does not exist at the XDP hook"
@@ -119,4 +133,5 @@ def _check_mark(p: MarkSet, ctx: Context) -> str | None:
 MARK = REGISTRY.add_target(TargetEntry(
     "MARK", tuple(Option((f"--{op}",), op, invert=False) for op in _MARK_OPS),
     _build_mark, lambda p, c: ["--set-xmark", f"0x{p.value:x}/0x{p.mask:x}"],
-    terminal=False, check_hook=_check_mark))
+    terminal=False, check_hook=_check_mark,
+    describe=lambda p, c, n: describe_xmark("MARK", p.value, p.mask)))

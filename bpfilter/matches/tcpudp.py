@@ -15,6 +15,7 @@ from ..ir.pred import (
     all_of,
     negate,
 )
+from .names import port_text
 from .registry import REGISTRY, Context, MatchEntry, MatchError, Option, OptVal
 from .values import PortRange, parse_port_range
 
@@ -130,6 +131,33 @@ def _save(p: TcpUdpMatch, ctx: Context) -> list[str]:
     return out
 
 
+def describe_ports(name: str, t: PortTest | None, proto: str | None, numeric: bool) -> str:
+    """` spt:22` / ` dpts:!1:1023` as the tcp, udp and sctp matches print a port test."""
+    if t is None or ((t.range.lo, t.range.hi) == (0, 0xFFFF) and not t.invert):
+        return ""
+    inv = "!" if t.invert else ""
+    lo = port_text(t.range.lo, proto, numeric)
+    if t.range.lo == t.range.hi:
+        return f" {name}:{inv}{lo}"
+    return f" {name}s:{inv}{lo}:{port_text(t.range.hi, proto, numeric)}"
+
+
+def _describe(proto: str):
+    def describe(p: TcpUdpMatch, ctx: Context, numeric: bool) -> str:
+        out = proto + describe_ports("spt", p.sport, proto, numeric)
+        out += describe_ports("dpt", p.dport, proto, numeric)
+        if p.option is not None:
+            out += f" option={'!' if p.option[1] else ''}{p.option[0]}"
+        if p.flags is not None:
+            f = p.flags
+            text = (f"0x{f.mask:02X}/0x{f.comp:02X}" if numeric
+                    else f"{print_flags(f.mask)}/{print_flags(f.comp)}")
+            out += f" flags:{'!' if f.invert else ''}{text}"
+        return out
+
+    return describe
+
+
 def _port_pred(field: Field, t: PortTest | None) -> Pred | None:
     if t is None or (t.range.lo == 0 and t.range.hi == 65535 and not t.invert):
         return None
@@ -165,7 +193,8 @@ TCP_MATCH = REGISTRY.add_match(MatchEntry(
      Option(("--tcp-flags",), "flags", nargs=2),
      Option(("--syn",), "syn", nargs=0),
      Option(("--tcp-option",), "option")),
-    _build("tcp"), _save, _lower(True), proto=(TCP,)))
+    _build("tcp"), _save, _lower(True), proto=(TCP,), describe=_describe("tcp")))
 
 UDP_MATCH = REGISTRY.add_match(MatchEntry(
-    "udp", _PORT_OPTS, _build("udp"), _save, _lower(False), proto=(UDP,)))
+    "udp", _PORT_OPTS, _build("udp"), _save, _lower(False), proto=(UDP,),
+    describe=_describe("udp")))

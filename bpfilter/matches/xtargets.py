@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from .kernel import IpProto
 from .registry import REGISTRY, Context, MatchError, Option, TargetEntry
+from .targets import describe_xmark
 from .util import Opts, arg, exclusive, need
 from .values import bare, parse_uint, parse_uint_range, parse_value_mask, quote
 
@@ -81,9 +82,24 @@ def _save_log(p: Log, ctx: Context) -> list[str]:
     return out + [f"--{f}" for f in p.flags]
 
 
+# Bits of the kernel's logflags, in LOG_FLAGS order (XT_LOG_TCPSEQ ... XT_LOG_MACDECODE).
+LOG_FLAG_BITS = (0x01, 0x02, 0x04, 0x08, 0x20)
+LOG_LEVEL_NAMES = ("emerg", "alert", "crit", "err", "warn", "notice", "info", "debug")
+
+
+def _describe_log(p: Log, ctx: Context, numeric: bool) -> str:
+    if numeric:
+        flags = sum(b for f, b in zip(LOG_FLAGS, LOG_FLAG_BITS, strict=True) if f in p.flags)
+        out = f"LOG flags {flags} level {p.level}"
+    else:
+        out = f"LOG level {LOG_LEVEL_NAMES[p.level]}"
+        out += "".join(" " + f.removeprefix("log-") for f in p.flags)
+    return out + (f' prefix "{p.prefix}"' if p.prefix else "")
+
+
 LOG = REGISTRY.add_target(TargetEntry(
     "LOG", (_opt("log-level"), _opt("log-prefix"), *(_flag(f) for f in LOG_FLAGS)),
-    _build_log, _save_log, terminal=False))
+    _build_log, _save_log, terminal=False, describe=_describe_log))
 
 # --- NFLOG -----------------------------------------------------------------------------------
 
@@ -127,7 +143,8 @@ def _save_nflog(p: Nflog, ctx: Context) -> list[str]:
 
 NFLOG = REGISTRY.add_target(TargetEntry(
     "NFLOG", tuple(_opt(f"nflog-{k}") for k in ("group", "prefix", "range", "size", "threshold")),
-    _build_nflog, _save_nflog, terminal=False))
+    _build_nflog, _save_nflog, terminal=False,
+    describe=lambda p, c, n: " ".join(w.removeprefix("--") for w in _save_nflog(p, c))))
 
 # --- CONNMARK --------------------------------------------------------------------------------
 
@@ -179,11 +196,25 @@ def _save_connmark(p: Connmark, ctx: Context) -> list[str]:
     return [f"--{p.mode}-mark", "--nfmask", f"0x{p.nfmask:x}", "--ctmask", f"0x{p.ctmask:x}"]
 
 
+def _describe_connmark(p: Connmark, ctx: Context, numeric: bool) -> str:
+    if p.mode == "set":
+        return describe_xmark("CONNMARK", p.mark, p.ctmask)
+    out = f"CONNMARK {p.mode}"
+    if (p.nfmask, p.ctmask) == (0xFFFFFFFF, 0xFFFFFFFF):
+        return out
+    if p.nfmask == p.ctmask:
+        return out + f" mask 0x{p.nfmask:x}"
+    # The mask copied from is printed plainly, the one copied to with a `~`.
+    first, second = (("nfmask", p.nfmask), ("ctmask", p.ctmask)) if p.mode == "save" else (
+        ("ctmask", p.ctmask), ("nfmask", p.nfmask))
+    return out + f" {first[0]} 0x{first[1]:x} {second[0]} ~0x{second[1]:x}"
+
+
 CONNMARK = REGISTRY.add_target(TargetEntry(
     "CONNMARK",
     (*(_opt(o) if "mark" in o and o not in ("save-mark", "restore-mark") else _flag(o)
        for o in _CONNMARK_OPS), _opt("mask"), _opt("nfmask"), _opt("ctmask")),
-    _build_connmark, _save_connmark, terminal=False))
+    _build_connmark, _save_connmark, terminal=False, describe=_describe_connmark))
 
 # --- CT, NOTRACK, TRACE ----------------------------------------------------------------------
 
@@ -246,14 +277,25 @@ def _save_ct(p: Ct, ctx: Context) -> list[str]:
     return out
 
 
+def _describe_ct(p: Ct, ctx: Context, numeric: bool) -> str:
+    out = "CT" + (" notrack" if p.notrack else "")
+    out += f" helper {p.helper}" if p.helper else ""
+    out += f" timeout {p.timeout}" if p.timeout else ""
+    out += f" ctevents {','.join(p.ctevents)}" if p.ctevents else ""
+    out += f" expevents {','.join(p.expevents)}" if p.expevents else ""
+    if p.zone:
+        out += " zone" + (f"-{p.zone_dir}" if p.zone_dir else "") + f" {p.zone}"
+    return out
+
+
 CT = REGISTRY.add_target(TargetEntry(
     "CT", (_flag("notrack"), _opt("helper"), _opt("timeout"), _opt("ctevents"),
            _opt("expevents"), _opt("zone"), _opt("zone-orig"), _opt("zone-reply")),
     _build_ct, _save_ct, terminal=False, tables=frozenset({"raw"}),
-    check_hook=_hooks("CT", RAW_CHAINS)))
+    check_hook=_hooks("CT", RAW_CHAINS), describe=_describe_ct))
 NOTRACK = REGISTRY.add_target(TargetEntry(
     "NOTRACK", terminal=False, tables=frozenset({"raw"}),
-    check_hook=_hooks("NOTRACK", RAW_CHAINS)))
+    check_hook=_hooks("NOTRACK", RAW_CHAINS), describe=lambda p, c, n: "NOTRACK"))
 TRACE = REGISTRY.add_target(TargetEntry(
     "TRACE", terminal=False, tables=frozenset({"raw"}), check_hook=_hooks("TRACE", RAW_CHAINS)))
 
@@ -291,7 +333,8 @@ def _check_tcpmss(p: int | str, ctx: Context) -> str | None:
 TCPMSS = REGISTRY.add_target(TargetEntry(
     "TCPMSS", (_opt("set-mss"), _flag(CLAMP)), _build_tcpmss,
     lambda p, c: [f"--{CLAMP}"] if p == CLAMP else ["--set-mss", str(p)],
-    terminal=False, check_hook=_check_tcpmss))
+    terminal=False, check_hook=_check_tcpmss,
+    describe=lambda p, c, n: "TCPMSS clamp to PMTU" if p == CLAMP else f"TCPMSS set {p}"))
 
 
 def _build_checksum(opts: Opts, ctx: Context) -> bool:
@@ -301,7 +344,7 @@ def _build_checksum(opts: Opts, ctx: Context) -> bool:
 
 CHECKSUM = REGISTRY.add_target(TargetEntry(
     "CHECKSUM", (_flag("checksum-fill"),), _build_checksum, lambda p, c: ["--checksum-fill"],
-    terminal=False, tables=frozenset({"mangle"})))
+    terminal=False, tables=frozenset({"mangle"}), describe=lambda p, c, n: "CHECKSUM fill"))
 
 # --- NFQUEUE ---------------------------------------------------------------------------------
 
@@ -342,5 +385,7 @@ def _save_nfqueue(p: Nfqueue, ctx: Context) -> list[str]:
 
 NFQUEUE = REGISTRY.add_target(TargetEntry(
     "NFQUEUE", (_opt("queue-num"), _opt("queue-balance"), _flag("queue-bypass"),
-                _flag("queue-cpu-fanout")), _build_nfqueue, _save_nfqueue))
+                _flag("queue-cpu-fanout")), _build_nfqueue, _save_nfqueue,
+    describe=lambda p, c, n: " ".join(
+        ["NFQUEUE", *(w.removeprefix("--queue-") for w in _save_nfqueue(p, c))])))
 

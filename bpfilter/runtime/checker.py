@@ -26,7 +26,7 @@ ETH_HLEN = 14
 class CheckResult:
     """The verdict for one packet and the rule that gave it (rule None: the chain's policy)."""
 
-    verdict: str  # ACCEPT, DROP, or PASS (not covered by the ruleset: non-IP, other family)
+    verdict: str  # ACCEPT, DROP, REJECT, or PASS (not covered by the ruleset: non-IP, other family)
     chain: str | None
     rule: int | None
     retval: int
@@ -46,7 +46,8 @@ class Checker:
     """One built-in chain of a ruleset, loaded for test runs."""
 
     def __init__(self, rs: Ruleset, *, chain: str = "INPUT", table: str = "filter",
-                 hook: str = "nf", iif: str | None = None, oif: str | None = None) -> None:
+                 hook: str = "nf", iif: str | None = None, oif: str | None = None,
+                 opts: dict | None = None) -> None:
         if table not in rs.tables or chain not in rs.tables[table].chains:
             raise CompileError(f"no chain {chain!r} in table {table!r}")
         self.family = rs.family
@@ -54,6 +55,7 @@ class Checker:
         self.chain = chain
         fl = _flavour(hook, rs.family, iif if iif is not None else "",
                       oif if oif is not None else "")
+        fl.opts.update(opts or {})
         self.compiled: CompiledTable = compile_table(rs.tables[table], fl)
         if chain not in self.compiled.programs:
             raise CompileError(f"chain {chain} has no program on hook {hook}")
@@ -110,7 +112,9 @@ class Checker:
             if vv:
                 decider, verdict = d, vv
         slot = self.compiled.slots[decider] if decider else None
-        name = {Verdict.ACCEPT: "ACCEPT", Verdict.DROP: "DROP"}.get(verdict, "PASS")
+        # A REJECT carries its kind's number in the bits above the verdict.
+        name = {Verdict.ACCEPT: "ACCEPT", Verdict.DROP: "DROP",
+                Verdict.REJECT: "REJECT"}.get(verdict & 0xFF, "PASS")
         return CheckResult(name, slot.chain if slot else None, slot.rule if slot else None,
                            res.retval)
 

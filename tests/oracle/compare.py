@@ -8,6 +8,7 @@ reproducer: the ruleset text, the packet and its bytes, both sides' view.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -44,6 +45,13 @@ class Stats:
     excluded_examples: list[str] = field(default_factory=list)
     hotdrops: int = 0
     verdicts: dict[str, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # where the time goes
+
+    def timed(self, what: str, since: float) -> float:
+        """Add the time since `since` to `what`; returns now."""
+        now = time.perf_counter()
+        self.seconds[what] = self.seconds.get(what, 0.0) + now - since
+        return now
 
 
 def parse_ruleset(text: str, family: Family) -> Ruleset:
@@ -110,10 +118,13 @@ class Differential:
         fam = spec.family
         placement = PLACEMENTS[spec.table]
         where = f"{spec.table} {spec.chain}"
+        t = time.perf_counter()
         self.oracle.load(text, fam, placement)
+        t = self.stats.timed("iptables-restore", t)
         try:
             rs = parse_ruleset(text, fam)
             checker = Checker(rs, chain=spec.chain, table=spec.table, hook="nf", iif=RX_IFNAME)
+            t = self.stats.timed("compile+load", t)
         except Exception as e:
             raise Disagreement(f"iptables-legacy-restore accepts this ruleset, pybpfilter "
                                f"refuses it: {type(e).__name__}: {e}\n--- ruleset "
@@ -122,10 +133,19 @@ class Differential:
         seen = []
         with checker:
             last = checker.counters()
-            keys = [k for k in last if k[0] in spec.chain_names]
+            keys = sorted((k for k in last if k[0] in spec.chain_names),
+                          key=lambda k: (k[0], k[1] or 0))
+            theirs = {k for k in self.oracle.counter_keys(fam) if k[0] in spec.chain_names}
+            if set(keys) != theirs:
+                raise Disagreement(
+                    f"the ruleset's shape differs: netfilter has rules/policies "
+                    f"{sorted(theirs - set(keys), key=str)} that pybpfilter has not, and "
+                    f"pybpfilter {sorted(set(keys) - theirs, key=str)}\n--- ruleset "
+                    f"({fam.value}, {where}):\n{text}")
             for pkt in packets:
                 frame = pkt.frame(self.oracle.tx_mac, self.oracle.rx_mac)
                 ob = self.oracle.observe(frame, fam)
+                t = self.stats.timed("netfilter", t)
                 seen.append(ob)
                 if not ob.reached:
                     self.stats.excluded += 1
@@ -133,6 +153,7 @@ class Differential:
                         self.stats.excluded_examples.append(pkt.describe())
                     continue
                 ours, last = self._ours(checker, pkt, last)
+                t = self.stats.timed("test runs", t)
                 self._compare(spec, text, where, pkt, frame, ob, ours, keys)
         return seen
 

@@ -8,13 +8,15 @@ How a packet is observed, without the observers changing what they observe:
 - *reached*: an empty ACCEPT-policy table that runs just before the tested chain counts the
   packet in its policy counter (mangle INPUT, priority -150, before filter INPUT at 0). Packets
   the stack drops before the hook (malformed, martian) are reported as not reached, to exclude.
-  Nothing runs before raw PREROUTING (-300); there every frame counts as reached.
+  Nothing runs before raw PREROUTING (-300); there every frame counts as reached (a frame the
+  stack dropped would look like a hotdrop: the generators only make valid IP headers).
 - *passed*: an empty ACCEPT-policy table just after it (security INPUT at 50 after filter INPUT;
   mangle PREROUTING at -150 after raw PREROUTING) counts what the tested chain accepted.
 - *done*: a marker frame of the *other* family is sent after each packet and dropped by a rule
   of that family's mangle PREROUTING; both frames go through one CPU's backlog queue in order
-  (the sender is pinned to one CPU), so once the marker is counted the packet has been handled
-  completely, hotdrops included (they move no counter at all).
+  (they are sent from one CPU), so once the marker is counted the packet has been handled
+  completely, hotdrops included (they move no counter at all). Only one tested ruleset is
+  loaded at a time, so nothing the marker meets before mangle (raw) can drop it.
 - *quiet*: both namespaces drop every locally generated IP packet (mangle OUTPUT policy DROP),
   so no reply, neighbour solicitation or MLD report comes back into the tested chains.
 
@@ -24,6 +26,8 @@ meant for fragments are placed in raw PREROUTING, where they are seen one by one
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import socket
 import time
@@ -42,6 +46,7 @@ from .xtables import TableCounters, XtReader
 MARKER_DPORT = 9
 
 WAIT_TIMEOUT = 2.0
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 RX_SYSCTLS = {
     "net.ipv4.conf.{ifname}.rp_filter": 0,
     "net.ipv4.conf.all.accept_redirects": 0,
@@ -138,9 +143,7 @@ class NetfilterOracle:
             self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
         self.sock.bind((topo.sender.ifname, 0))
         self.markers = {fam: self._marker_frame(fam) for fam in Family}
-        # One CPU: the packet and its marker must share a backlog queue to stay in order.
         self._affinity = os.sched_getaffinity(0)
-        os.sched_setaffinity(0, {min(self._affinity)})
         self.loaded: dict[Family, Placement] = {}
 
     def _setup_links(self) -> None:
@@ -167,8 +170,7 @@ class NetfilterOracle:
                      src_mac=self.tx_mac, dst_mac=self.rx_mac)
 
     def close(self) -> None:
-        """Close sockets and give the CPU affinity back (the namespaces belong to the topology)."""
-        os.sched_setaffinity(0, self._affinity)
+        """Close the sockets (the namespaces belong to the topology)."""
         self.sock.close()
         for r in self.readers.values():
             r.close()
@@ -192,6 +194,10 @@ class NetfilterOracle:
         restore(self.rx_ns, family, text)
         self.loaded[family] = placement
 
+    def counter_keys(self, family: Family) -> set[tuple[str, int | None]]:
+        """Every (chain, rule) of the loaded table; rule None for a policy."""
+        return set(self.readers[family].read(self.loaded[family].table).flat())
+
     def _marker_count(self, fam: Family) -> int:
         return self.readers[fam].read("mangle").get("PREROUTING", 1).packets
 
@@ -207,8 +213,16 @@ class NetfilterOracle:
         reached0 = self._policy(family, pl.reached) if pl.reached else 0
         passed0 = self._policy(family, pl.passed)
         marks0 = self._marker_count(mfam)
-        self.sock.send(frame)
-        self.sock.send(self.markers[mfam])
+        # Both frames from one CPU (the one we are on: no migration): they must share its
+        # backlog queue to stay in order. Only for the sends: processes started meanwhile
+        # (iptables-restore) would inherit the mask.
+        cpu = _libc.sched_getcpu()
+        os.sched_setaffinity(0, {cpu if cpu >= 0 else min(self._affinity)})
+        try:
+            self.sock.send(frame)
+            self.sock.send(self.markers[mfam])
+        finally:
+            os.sched_setaffinity(0, self._affinity)
         deadline = time.monotonic() + WAIT_TIMEOUT
         while (marks := self._marker_count(mfam)) == marks0:
             if time.monotonic() > deadline:

@@ -37,6 +37,9 @@ MASKS = {Family.IPV4: ("255.255.255.0", "255.255.0.255", "255.0.255.0", "0.0.0.2
 IFACES = (RX_IFNAME, "bfrx+", "bf+", "+", "bfrx", "bfrx00", "bfrx1", "lo", f"{RX_IFNAME}+",
           "eth0", "b+", "bfrx0123456789a", "bfrx1+")
 PORTS = (0, 1, 22, 53, 80, 443, 1023, 1024, 8080, 40000, 65535)
+# Service names (/etc/services) iptables resolves for each protocol.
+SERVICES = {"tcp": {22: "ssh", 53: "domain", 80: "http", 443: "https", 8080: "http-alt"},
+            "udp": {53: "domain", 443: "https"}}
 TCP_FLAG_NAMES = ("FIN", "SYN", "RST", "PSH", "ACK", "URG")
 TCP_OPTION_KINDS = (1, 2, 3, 4, 5, 8, 30, 254, 255)
 ICMP_TYPES = (0, 3, 5, 8, 11, 12, 13, 255)
@@ -113,11 +116,12 @@ def _addr_text(draw: Callable, fam: Family, base: str) -> str:
     return f"{base}/{draw(st.sampled_from(PREFIXES[fam]))}"
 
 
-def _port_range(draw: Callable) -> tuple[str, int]:
+def _port_range(draw: Callable, proto: str) -> tuple[str, int]:
     lo = draw(st.sampled_from(PORTS))
     form = draw(st.integers(0, 3))
     if form == 0:
-        return str(lo), lo
+        name = SERVICES[proto].get(lo)
+        return (name if name and chance(draw, 30) else str(lo)), lo
     if form == 1:
         hi = draw(st.sampled_from([p for p in PORTS if p >= lo]))
         return f"{lo}:{hi}", lo if chance(draw, 50) else hi
@@ -171,7 +175,7 @@ def tcp_part(draw: Callable) -> Part:
     aim: list[tuple[str, Any]] = [("proto", 6)]
     for key, flag in (("sport", "--sport"), ("dport", "--dport")):
         if chance(draw, 40):
-            text, port = _port_range(draw)
+            text, port = _port_range(draw, "tcp")
             opts += [*_neg(draw), flag, text]
             aim.append((key, port))
     if chance(draw, 15):
@@ -199,7 +203,7 @@ def udp_part(draw: Callable) -> Part:
     aim: list[tuple[str, Any]] = [("proto", 17)]
     for key, flag in (("sport", "--sport"), ("dport", "--dport")):
         if chance(draw, 50):
-            text, port = _port_range(draw)
+            text, port = _port_range(draw, "udp")
             opts += [*_neg(draw), flag, text]
             aim.append((key, port))
     if chance(draw, 60) or not opts:

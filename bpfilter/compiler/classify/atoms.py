@@ -212,3 +212,24 @@ def _hotdrop_entries(hotdrops: list[tuple[list[list[Constraint]], set[PacketClas
         for c in sorted(fresh):
             out.extend(Entry(tuple(alt), c, hotdrop=True) for alt in alts)
     return out
+
+
+def fold_static(entries: list[Entry], static: dict[Field, bytes]) -> list[Entry]:
+    """Entries with the constraints on compile-time known fields evaluated: a constraint that
+    holds is dropped, an entry with one that fails can never apply and goes."""
+    if not static:
+        return entries
+    out: list[Entry] = []
+    for e in entries:
+        keep: list[Constraint] = []
+        ok = True
+        for c in e.constraints:
+            known = static.get(c.field)
+            if known is None:
+                keep.append(c)
+            elif any((k & m) != (v & m) for k, v, m in zip(known, c.value, c.mask, strict=True)):
+                ok = False
+                break
+        if ok:
+            out.append(Entry(tuple(keep), e.pclass, e.hotdrop))
+    return out

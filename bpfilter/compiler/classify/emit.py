@@ -18,6 +18,7 @@ from ...bpf.insn import AluOp, JmpOp
 from ...bpf.maps import MapSpec
 from ...ir.model import Family
 from .. import layout as L
+from .atoms import PacketClass
 from .groups import Group, mem_bytes
 
 NONE = 0xFFFFFFFF
@@ -103,6 +104,10 @@ def emit_probe(a: Assembler, groups: list[Group], map_key: Callable[[int], Hasha
         if i:
             # No later group can hold an earlier rule than what was found.
             a.jump(JmpOp.JLT, I.R8, _s32(g.min_value()), done, wide=True)
+        if g.class_exact and PacketClass.FULL not in g.classes:
+            # Only odd packets (fragments, cut headers) have entries here: most skip it.
+            a.emit(I.ldx(I.B, I.R1, L.R_PKT, L.PCLASS))
+            a.jump(JmpOp.JEQ, I.R1, PacketClass.FULL, nxt)
         off = emit_key(a, g, family)
         a.ld_map(I.R1, map_key(i))
         a.emit(I.mov64(I.R2, L.R_PKT), I.alu64(AluOp.ADD, I.R2, off, reg=False))

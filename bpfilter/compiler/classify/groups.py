@@ -40,6 +40,8 @@ class Group:
     class_exact: bool
     lpm_field: Field | None = None
     values: dict[bytes, int] = field(default_factory=dict)  # key -> value (hash)
+    # Packet classes its entries apply to (None: any class).
+    classes: set[PacketClass | None] = field(default_factory=set)
     prefixes: dict[tuple[bytes, int, bytes], int] = field(default_factory=dict)  # LPM
 
     @property
@@ -107,7 +109,8 @@ class Group:
 _ORDER = {f: i for i, f in enumerate(KEY_FIELDS)}
 
 
-def _signature(e: Entry) -> tuple:
+def signature(e: Entry) -> tuple:
+    """The mask shape of an entry: entries of one shape share a group."""
     fm = sorted(((c.field, c.mask) for c in e.constraints if any(c.mask)),
                 key=lambda x: _ORDER[x[0]])
     return tuple(fm), e.pclass is not None
@@ -120,7 +123,7 @@ def build_groups(rules: list[list[Entry]]) -> list[Group]:
     sigs: dict[tuple, list[tuple[int, Entry]]] = {}
     for i, entries in enumerate(rules):
         for e in entries:
-            sigs.setdefault(_signature(e), []).append((i, e))
+            sigs.setdefault(signature(e), []).append((i, e))
     lpm: dict[tuple, Group] = {}
     for sig, items in sigs.items():
         fields_masks, class_exact = sig
@@ -132,6 +135,7 @@ def build_groups(rules: list[list[Entry]]) -> list[Group]:
             plen = _plen(dict(fields_masks)[lpm_field])
             assert plen is not None
             for i, e in items:
+                g.classes.add(e.pclass)
                 cons = {c.field: c for c in e.constraints}
                 fixed = g.fixed_key(cons, e.pclass)
                 addr = cons[lpm_field].value
@@ -141,6 +145,7 @@ def build_groups(rules: list[list[Entry]]) -> list[Group]:
             continue
         g = plain.setdefault(sig, Group(fields_masks, class_exact))
         for i, e in items:
+            g.classes.add(e.pclass)
             cons = {c.field: c for c in e.constraints}
             key = g.fixed_key(cons, e.pclass)
             v = i << 1 | e.hotdrop
@@ -172,7 +177,7 @@ def _as_hash(g: Group) -> Group:
     mask = ((1 << (8 * g.lpm_field.width)) - 1) ^ ((1 << (8 * g.lpm_field.width - plen)) - 1)
     fields = tuple(sorted([*g.fields, (g.lpm_field, mask.to_bytes(g.lpm_field.width, "big"))],
                           key=lambda fm: KEY_FIELDS.index(fm[0])))
-    h = Group(fields, g.class_exact)
+    h = Group(fields, g.class_exact, classes=set(g.classes))
     for (fixed, _, addr), v in g.prefixes.items():
         # Re-lay the key in field order: the LPM field was last, the class byte before it.
         parts = {}

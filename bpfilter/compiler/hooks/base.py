@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import TYPE_CHECKING
 
 from ...bpf import insn as I
 from ...bpf.asm import Assembler, Label
@@ -13,6 +15,9 @@ from ...ir.model import Family
 from ...ir.pred import Field
 from .. import layout as L
 
+if TYPE_CHECKING:
+    from ...matches.targets import Reject
+
 
 class Verdict(IntEnum):
     """Internal verdict codes between chains; each flavour maps them to its return codes."""
@@ -20,6 +25,7 @@ class Verdict(IntEnum):
     CONTINUE = 0  # fell off the end of a user chain, or RETURN
     ACCEPT = 1
     DROP = 2
+    REJECT = 4  # the program's REJECT kind number in bits 8 and up (see compiler.reject)
 
 
 @dataclass
@@ -90,6 +96,12 @@ class Flavour(ABC):
 
     def emit_store_mark(self, a: Assembler) -> bool:
         """Write the struct's mark back to the packet; False if this hook cannot set marks."""
+        return False
+
+    def emit_reject(self, a: Assembler, kinds: Sequence[Reject]) -> bool:
+        """Turn the packet into the reply of REJECT kind number r7 >> 8 (of `kinds`) and return
+        the action that sends it (r6: context, r9: packet struct); False if this hook cannot
+        send replies."""
         return False
 
     def for_hook(self, hook: HookPoint) -> Flavour:

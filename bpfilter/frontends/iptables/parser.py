@@ -9,6 +9,7 @@ user chains).
 
 from __future__ import annotations
 
+import gc
 import re
 from collections.abc import Iterable
 
@@ -42,9 +43,17 @@ def parse(text: str, *, family: Family, filename: str = "<stdin>") -> Ruleset:
     """Parse a whole iptables-restore file; raise ParseError on the first problem."""
     p = _FileParser(family, filename)
     lineno = 0
-    for lineno, line in enumerate(text.splitlines(), 1):
-        p.line(lineno, line)
-    p.finish(lineno + 1)
+    # The parse allocates many long-lived objects and no cycles: collecting during it only
+    # costs time (half of a 100,000-rule parse).
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for lineno, line in enumerate(text.splitlines(), 1):
+            p.line(lineno, line)
+        p.finish(lineno + 1)
+    finally:
+        if enabled:
+            gc.enable()
     return p.ruleset
 
 
