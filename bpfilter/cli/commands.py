@@ -87,13 +87,14 @@ def cmd_restore(args: argparse.Namespace) -> int:
     rs, text, original = parse_file(args.file, fam)
     if args.test:
         from ..runtime.checker import Checker
+        from ..runtime.loader import compile_ruleset
 
-        for tname, table in rs.tables.items():
-            for chain in table.chains.values():
-                if chain.builtin and (chain.rules or chain.policy != "ACCEPT"):
-                    with Checker(rs, chain=chain.name, table=tname, hook=args.hook,
-                                 iif=args.iface):
-                        pass
+        # The same checks as a real restore, then every program through the verifier.
+        for ct in compile_ruleset(rs, args.hook, args.iface or "test0"):
+            for chain in ct.programs:
+                with Checker(rs, chain=chain, table=ct.table.name, hook=args.hook,
+                             iif=args.iface):
+                    pass
         return 0
     rt = _runtime(args)
     rt.restore(rs, text=text, counters=args.counters, original=original)

@@ -33,6 +33,11 @@ from . import layout as L
 from .layout import R_PKT
 
 _SIZES = {1: I.B, 2: I.H, 4: I.W, 8: I.DW}
+_WHY_NOT = {
+    "AddrType": "match 'addrtype' is not supported: address types come from the kernel's "
+                "routing tables, which netfilter programs cannot read and bpf_fib_lookup "
+                "does not tell apart (local, broadcast and multicast look alike)",
+}
 
 
 class Unsupported(ValueError):
@@ -90,7 +95,8 @@ class PredGen:
                 a.emit(I.ldx(I.B, I.R1, R_PKT, L.ETHOK))
                 a.jump(JmpOp.JEQ, I.R1, 0, fail)
             case _:
-                raise Unsupported(f"predicate {type(pred).__name__} cannot be compiled here")
+                why = _WHY_NOT.get(type(pred).__name__)
+                raise Unsupported(why or f"{type(pred).__name__} cannot be compiled here")
 
     # -- helpers -------------------------------------------------------------------------
 

@@ -79,6 +79,9 @@ def compile_ruleset(rs: Ruleset, hook: str, iface: str | None,
         busy = any(c.rules or c.policy not in (None, "ACCEPT") for c in table.chains.values())
         if name not in SUPPORTED_TABLES or not fl.chains(name):
             if busy:
+                if name == "nat":
+                    raise CompileError("table 'nat' is not supported yet: NAT needs "
+                                       "connection tracking")
                 where = "yet" if name not in SUPPORTED_TABLES else f"on hook {hook}"
                 raise CompileError(f"table {name!r} is not supported {where}")
             continue
