@@ -353,8 +353,8 @@ def test_lowering_follows_netfilter() -> None:
 
 def test_parse_only_matches_raise_unsupported_by_name() -> None:
     with pytest.raises(Unsupported) as info:
-        lowered("-m conntrack --ctstate NEW")
-    assert info.value.feature == "conntrack"
+        lowered("-m limit --limit 3/hour")
+    assert info.value.feature == "limit"
 
 
 # --- the corpus of real rulesets -------------------------------------------------------------

@@ -12,6 +12,7 @@ from ..bpf.syscall import BpfError
 from ..compiler.validate import CompileError
 from ..ir.model import Counters, Family, Ruleset
 from ..matches.registry import MatchError
+from ..runtime.conntrack import ConntrackError
 from ..runtime.loader import Loaded, Runtime, RuntimeError_
 from .pcap import PcapError
 
@@ -190,15 +191,31 @@ def cmd_dump(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_conntrack(args: argparse.Namespace) -> int:
+    """`conntrack list` prints entries like `conntrack -L`; `conntrack flush` deletes them."""
+    from ..runtime import conntrack
+
+    if args.action == "flush":
+        n = conntrack.flush(args.netns)
+        print(f"bpfilter conntrack: {n} flow entries have been deleted.", file=sys.stderr)
+        return 0
+    lines = conntrack.entries(args.netns, "ipv6" if args.ipv6 else "ipv4")
+    for line in lines:
+        print(json.dumps(conntrack.parse_entry(line)) if args.json else line)
+    if not args.json:
+        print(f"bpfilter conntrack: {len(lines)} flow entries have been shown.", file=sys.stderr)
+    return 0
+
+
 COMMANDS = {"restore": cmd_restore, "save": cmd_save, "list": cmd_list, "flush": cmd_flush,
-            "check": cmd_check, "dump": cmd_dump}
+            "check": cmd_check, "dump": cmd_dump, "conntrack": cmd_conntrack}
 
 
 def run(args: argparse.Namespace) -> int:
     """Run a parsed command, turning known errors into UserError."""
     try:
         return COMMANDS[args.command](args)
-    except (CompileError, MatchError, RuntimeError_, PcapError) as e:
+    except (CompileError, MatchError, RuntimeError_, PcapError, ConntrackError) as e:
         raise UserError(str(e)) from None
     except VerifierError as e:
         raise UserError(str(e)) from None

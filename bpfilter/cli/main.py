@@ -67,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per packet")
     p.add_argument("file", help="iptables-save file (- for stdin)")
 
+    p = sub.add_parser("conntrack", help="list or flush connection tracking entries")
+    p.add_argument("action", choices=("list", "flush"))
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("-6", "--ipv6", dest="ipv6", action="store_true", help="IPv6 entries")
+    g.add_argument("-4", "--ipv4", dest="ipv4", action="store_true", help="IPv4 (default)")
+    p.add_argument("--json", action="store_true", help="one JSON object per entry")
+    p.add_argument("--netns", metavar="NAME", help="act on network namespace NAME (ip netns)")
+
     p = sub.add_parser("dump", help="print the loaded programs as annotated assembly")
     _common(p)
     p.add_argument("--json", action="store_true", help="JSON output")

@@ -20,7 +20,7 @@ from ..bpf.consts import Helper, MapType
 from ..bpf.insn import AluOp, JmpOp
 from ..bpf.maps import Map, MapSpec
 from ..ir.model import ACCEPT, DROP, GOTO, JUMP, RETURN, Chain, ChainRef, Rule, Table
-from ..ir.pred import Field, Pred, TcpOption, all_of, fields_of
+from ..ir.pred import CT_FIELDS, Field, Pred, TcpOption, all_of, fields_of
 from ..matches import REGISTRY, Context, MatchError
 from ..matches.ip import BUILTIN_ORDER
 from . import layout as L
@@ -90,6 +90,7 @@ class CompiledTable:
     maps: dict[Hashable, MapSpec] = field(default_factory=dict)
     # Initial contents of maps that are not zero-filled (classifier tables, action arrays).
     map_data: dict[Hashable, list[tuple[bytes, bytes]]] = field(default_factory=dict)
+    uses_conntrack: bool = False  # rules read the packet's conntrack entry
 
     def create_maps(self) -> dict[Hashable, Map]:
         """Create every map of the table and load the contents it starts with."""
@@ -158,6 +159,7 @@ class TableCompiler:
         self.min_segment = int(flavour.opts.get("min_segment", MIN_SEGMENT))
         self.rules_per_group = int(flavour.opts.get("rules_per_group", RULES_PER_GROUP))
         self._groups_used = 0
+        self.uses_conntrack = False
         self._reject_kinds: list = []  # REJECT kinds of the program being compiled (by index)
 
     # -- lowering ------------------------------------------------------------------------
@@ -244,7 +246,8 @@ class TableCompiler:
             TRACE: MapSpec(MapType.PERCPU_ARRAY, 4, TRACE_VALUE, 1, name="bpfilter_trace"),
             **self.maps,
         }
-        return CompiledTable(self.table, self.fl, programs, self.slots, maps, self.map_data)
+        return CompiledTable(self.table, self.fl, programs, self.slots, maps, self.map_data,
+                             self.uses_conntrack)
 
     def _program(self, chain: Chain, fl: Flavour) -> Program:
         # Headroom for the verifier's rewrites (inlined map lookups grow the code).
@@ -275,6 +278,7 @@ class TableCompiler:
             for seg in self.segments(self.table.chains[c], fl).values():
                 needed |= seg.fields
         classified = any(self.segments(self.table.chains[c], fl) for c in [chain.name, *subs])
+        self.uses_conntrack |= bool(needed & CT_FIELDS)
         with a.origin(Origin(f"prologue: parse the packet ({fl.name}, {chain.name})")):
             emit_parse(a, fl, passed, tcp_options=tcp_opts, packet_class=classified)
             fl.emit_meta(a, needed)

@@ -17,7 +17,7 @@ from ..ir.pred import Field
 
 DYNPTR_OFF = -16
 KEY_OFF = -24
-PKT_SIZE = 304
+PKT_SIZE = 392
 PKT_OFF = KEY_OFF - PKT_SIZE  # from r10
 
 # Offsets inside the packet struct.
@@ -44,6 +44,10 @@ TCPOPTS = 136  # 40 bytes of TCP options
 # 176..191: scratch for the link-layer and extension-header parsers
 KEYBUF = 192  # 112 bytes: classifier lookup keys (shared by user chains through r9)
 KEYBUF_SIZE = 112
+CT = 304  # 88 bytes: the packet's conntrack entry, filled when rules read it
+CTSTATE, CTBITS, CTHAS, CTDIR, CTPROTO, CTSTATUS = CT, CT + 2, CT + 4, CT + 5, CT + 6, CT + 8
+CTORIGSRC, CTORIGDST, CTREPLSRC, CTREPLDST = CT + 12, CT + 28, CT + 44, CT + 60
+CTORIGSPORT, CTORIGDPORT, CTREPLSPORT, CTREPLDPORT = CT + 76, CT + 78, CT + 80, CT + 82
 
 L4_BUF = 24  # size of the transport buffer
 TCP_HDR = 20
@@ -71,6 +75,20 @@ def field_offset(field: Field, family: Family) -> int:
         Field.MARK: MARK,
         Field.PKTTYPE: PKTTYPE,
         Field.SMAC: SMAC,
+        Field.CTSTATE: CTSTATE,
+        Field.CTBITS: CTBITS,
+        Field.CTHAS: CTHAS,
+        Field.CTDIR: CTDIR,
+        Field.CTPROTO: CTPROTO,
+        Field.CTSTATUS: CTSTATUS,
+        Field.CTORIGSRC: CTORIGSRC,
+        Field.CTORIGDST: CTORIGDST,
+        Field.CTREPLSRC: CTREPLSRC,
+        Field.CTREPLDST: CTREPLDST,
+        Field.CTORIGSPORT: CTORIGSPORT,
+        Field.CTORIGDPORT: CTORIGDPORT,
+        Field.CTREPLSPORT: CTREPLSPORT,
+        Field.CTREPLDPORT: CTREPLDPORT,
     }
     if field in (Field.SADDR4, Field.DADDR4) and not v4:
         raise ValueError(f"{field.name} read in an IPv6 program")

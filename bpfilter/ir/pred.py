@@ -45,6 +45,21 @@ class Field(Enum):
     MARK = (18, 4, Order.HOST)
     PKTTYPE = (19, 1, Order.HOST)
     SMAC = (20, 6, Order.BYTES)
+    # Connection tracking (the kernel's conntrack entry of the packet, where the hook has one).
+    CTSTATE = (21, 2, Order.HOST)  # xt_state's state bit (INVALID, ESTABLISHED, ... UNTRACKED)
+    CTBITS = (22, 2, Order.HOST)  # xt_conntrack's: the state bit plus SNAT/DNAT bits
+    CTHAS = (23, 1, Order.HOST)  # 1 when the packet has a conntrack entry
+    CTDIR = (24, 1, Order.HOST)  # 0 original, 1 reply
+    CTPROTO = (25, 1, Order.HOST)
+    CTSTATUS = (26, 4, Order.HOST)  # IPS_* bits
+    CTORIGSRC = (27, 16, Order.BYTES)  # IPv4 in the first 4 bytes
+    CTORIGDST = (28, 16, Order.BYTES)
+    CTREPLSRC = (29, 16, Order.BYTES)
+    CTREPLDST = (30, 16, Order.BYTES)
+    CTORIGSPORT = (31, 2, Order.NET)
+    CTORIGDPORT = (32, 2, Order.NET)
+    CTREPLSPORT = (33, 2, Order.NET)
+    CTREPLDPORT = (34, 2, Order.NET)
 
     def __init__(self, ident: int, width: int, order: Order) -> None:
         # Plain attributes: the classifier reads them millions of times on big rulesets.
@@ -54,6 +69,9 @@ class Field(Enum):
 
     def __hash__(self) -> int:
         return self.ident
+
+
+CT_FIELDS = frozenset(f for f in Field if f.name.startswith("CT"))
 
 
 class L4(Enum):

@@ -6,9 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..ir.model import Family
+from ..ir.pred import Cmp, Const, Field, Not, Pred, Range, all_of, any_of, negate
 from .kernel import CtState, CtStatus
 from .names import net_text
-from .registry import REGISTRY, Context, MatchEntry, MatchError, Option
+from .registry import REGISTRY, Context, MatchEntry, MatchError, Option, Unsupported
 from .util import Opts, arg, bang, exclusive, need, not_lowered, one
 from .values import (
     Net,
@@ -151,9 +152,64 @@ def _describe_conntrack(p: ConntrackMatch, ctx: Context, numeric: bool) -> str:
     return out[1:]
 
 
+_CT_ADDR = {"ctorigsrc": Field.CTORIGSRC, "ctorigdst": Field.CTORIGDST,
+            "ctreplsrc": Field.CTREPLSRC, "ctrepldst": Field.CTREPLDST}
+_CT_PORT = {"ctorigsrcport": Field.CTORIGSPORT, "ctorigdstport": Field.CTORIGDPORT,
+            "ctreplsrcport": Field.CTREPLSPORT, "ctrepldstport": Field.CTREPLDPORT}
+
+
+def _any_bit(field: Field, mask: int) -> Pred:
+    """(field & mask) != 0."""
+    return Not(Cmp(field, 0, mask))
+
+
+def _lower_conntrack(p: ConntrackMatch, ctx: Context) -> Pred:
+    """xt_conntrack revision 3 (conntrack_mt): the state test first; without an entry only a
+    state test can hold; then direction, addresses, protocol and ports, status."""
+    state = p.get("ctstate")
+    state_pred: Pred = Const(True)
+    if state is not None:
+        state_pred = negate(_any_bit(Field.CTBITS, int(state.value)), state.invert)
+    rest: list[Pred] = []
+    d = p.get("ctdir")
+    if d is not None:
+        rest.append(Cmp(Field.CTDIR, 0 if d.value == "ORIGINAL" else 1))
+    for key, field in _CT_ADDR.items():
+        t = p.get(key)
+        if t is not None:
+            n = t.value
+            rest.append(negate(Cmp(field, n.addr.ljust(16, b"\0"), n.mask.ljust(16, b"\0")),
+                               t.invert))
+    t = p.get("ctproto")
+    if t is not None:
+        rest.append(negate(Cmp(Field.CTPROTO, int(t.value)), t.invert))
+    for key, field in _CT_PORT.items():
+        t = p.get(key)
+        if t is not None:
+            lo, hi = t.value
+            rest.append(negate(Range(field, lo, hi), t.invert))
+    t = p.get("ctstatus")
+    if t is not None:
+        rest.append(negate(_any_bit(Field.CTSTATUS, int(t.value)), t.invert))
+    if p.get("ctexpire") is not None:
+        raise Unsupported("conntrack --ctexpire")
+    if not rest:
+        return state_pred
+    with_entry = all_of(Cmp(Field.CTHAS, 1), *rest)
+    # No entry: the match holds exactly when a state test was given (and passed).
+    without = Const(state is not None)
+    return all_of(state_pred, any_of(with_entry, all_of(Cmp(Field.CTHAS, 0), without)))
+
+
+def _lower_state(p: StateMatch, ctx: Context) -> Pred:
+    """xt_state: the state bit against the mask (iptables inverts the mask for `!`)."""
+    mask = ~p.states & 0xFFFF if p.invert else p.states
+    return _any_bit(Field.CTSTATE, mask)
+
+
 CONNTRACK = REGISTRY.add_match(MatchEntry(
     "conntrack", tuple(Option((f"--{k}",), k, invert=k != "ctdir") for k in CT_KEYS),
-    _build_conntrack, _save_conntrack, not_lowered("conntrack"),
+    _build_conntrack, _save_conntrack, _lower_conntrack,
     describe=_describe_conntrack))
 
 
@@ -173,7 +229,7 @@ def _build_state(opts: Opts, ctx: Context) -> StateMatch:
 
 STATE = REGISTRY.add_match(MatchEntry(
     "state", (Option(("--state",), "state"),), _build_state,
-    lambda p, c: [*bang(p.invert), "--state", format_states(p.states)], not_lowered("state"),
+    lambda p, c: [*bang(p.invert), "--state", format_states(p.states)], _lower_state,
     # iptables implements -m state with conntrack, which prints it this way.
     describe=lambda p, c, n: ("! " if p.invert else "") + "state " + format_states(p.states)))
 

@@ -26,6 +26,7 @@ from ..compiler.hooks.nf import NetfilterFlavour
 from ..compiler.hooks.tcxdp import TcFlavour, XdpFlavour
 from ..compiler.validate import CompileError
 from ..ir.model import Counters, Family, Ruleset
+from . import conntrack
 from . import dispatch as D
 from .state import (
     Record,
@@ -219,6 +220,8 @@ class Runtime:
                     if progs.lookup(slot) is None:
                         progs.update(slot, _u32(neutral.fd))
                     self._attach(fam, t, c)
+                if any(ct.uses_conntrack for ct in compiled):
+                    conntrack.enable(self.netns_name)
                 for name, m in maps.items():
                     path = self._path(pin_name(name, str(new)))
                     unlink_quiet(path)
@@ -388,6 +391,8 @@ class Runtime:
         """Detach and unpin everything at this hook; False if nothing was loaded."""
         if not os.path.isdir(self.dir):
             return False
+        if self.hook == "nf":
+            conntrack.disable(self.netns_name)
         with locked(self.dir):
             for name in sorted(os.listdir(self.dir)):
                 path = self._path(name)

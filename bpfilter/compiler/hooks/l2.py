@@ -9,7 +9,7 @@ from ...bpf import insn as I
 from ...bpf.asm import Assembler, Label
 from ...bpf.insn import AluOp, JmpOp
 from ...ir.model import Family
-from ...ir.pred import Field
+from ...ir.pred import CT_FIELDS, Field
 from .. import layout as L
 from .base import Flavour, HookPoint
 
@@ -107,6 +107,13 @@ class EthernetFlavour(Flavour):
         """MAC and packet type come from the frame (see emit_l3_offset)."""
         if Field.MARK in fields:
             self.emit_mark(a)
+
+    def unsupported_field(self, f: Field) -> str | None:
+        """Conntrack entries exist only once the stack has seen the packet."""
+        if f in CT_FIELDS:
+            return ("connection tracking is available on hook nf only for now (tc and XDP run "
+                    "before the kernel's conntrack)")
+        return None
 
     def emit_mark(self, a: Assembler) -> None:
         """Store the packet mark (tc only)."""

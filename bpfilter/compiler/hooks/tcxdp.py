@@ -164,4 +164,4 @@ class XdpFlavour(EthernetFlavour):
         """XDP runs before an skb exists: there is no mark yet."""
         if f is Field.MARK:
             return "XDP programs run before the packet has a mark"
-        return None
+        return super().unsupported_field(f)
