@@ -207,8 +207,29 @@ def cmd_conntrack(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_monitor(args: argparse.Namespace) -> int:
+    """Stream log events of the rulesets loaded at the hook."""
+    from .monitor import monitor
+
+    if args.ipv6:
+        fams = [Family.IPV6]
+    elif args.ipv4:
+        fams = [Family.IPV4]
+    else:
+        fams = [Family.IPV4, Family.IPV6]
+    try:
+        monitor(_runtime(args), fams, as_json=args.json, count=args.count,
+                duration=args.duration, emit=lambda line: print(line, flush=True))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 COMMANDS = {"restore": cmd_restore, "save": cmd_save, "list": cmd_list, "flush": cmd_flush,
-            "check": cmd_check, "dump": cmd_dump, "conntrack": cmd_conntrack}
+            "check": cmd_check, "dump": cmd_dump, "conntrack": cmd_conntrack,
+            "monitor": cmd_monitor}
 
 
 def run(args: argparse.Namespace) -> int:

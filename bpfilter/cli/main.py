@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per entry")
     p.add_argument("--netns", metavar="NAME", help="act on network namespace NAME (ip netns)")
 
+    p = sub.add_parser("monitor", help="stream LOG/NFLOG events, one line each")
+    _common(p)
+    p.add_argument("--json", action="store_true", help="one JSON object per event")
+    p.add_argument("--count", type=int, help="stop after this many events")
+    p.add_argument("--duration", type=float, help="stop after this many seconds")
+
     p = sub.add_parser("dump", help="print the loaded programs as annotated assembly")
     _common(p)
     p.add_argument("--json", action="store_true", help="JSON output")

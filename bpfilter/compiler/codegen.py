@@ -29,6 +29,7 @@ from .classify.atoms import NotClassifiable, fold_static, rule_entries
 from .classify.emit import NONE, emit_probe, group_maps
 from .classify.groups import Group, build_groups, signature
 from .hooks.base import Flavour, HookPoint, Verdict
+from .logging import LOG_MAP, LOG_TARGETS, emit_log, log_map_spec
 from .parse import emit_parse
 from .predgen import PredGen, Unsupported
 from .validate import CompileError, always_decides, call_depth, reachable
@@ -92,18 +93,23 @@ class CompiledTable:
     map_data: dict[Hashable, list[tuple[bytes, bytes]]] = field(default_factory=dict)
     uses_conntrack: bool = False  # rules read the packet's conntrack entry
 
-    def create_maps(self) -> dict[Hashable, Map]:
-        """Create every map of the table and load the contents it starts with."""
+    def create_maps(self, shared: dict[Hashable, Map] | None = None) -> dict[Hashable, Map]:
+        """Create every map of the table and load the contents it starts with; maps in
+        `shared` (e.g. the log ring buffer that outlives rulesets) are used as they are."""
         made: dict[Hashable, Map] = {}
         try:
             for k, spec in self.maps.items():
+                if shared and k in shared:
+                    made[k] = shared[k]
+                    continue
                 m = made[k] = Map.create(spec)
                 data = self.map_data.get(k)
                 if data:
                     _fill(m, data)
         except Exception:
-            for m in made.values():
-                m.close()
+            for k, m in made.items():
+                if not (shared and k in shared):
+                    m.close()
             raise
         return made
 
@@ -205,6 +211,8 @@ class TableCompiler:
             return
         if t.kind == "MARK" and self.fl.emit_store_mark(Assembler()):
             return
+        if t.kind in LOG_TARGETS:
+            return
         if t.kind == "REJECT":
             if self._sends_replies:
                 return
@@ -264,6 +272,8 @@ class TableCompiler:
         for c in [chain.name, *subs]:
             for n, rule in enumerate(self.table.chains[c].rules, 1):
                 self._check_target(c, n, rule)
+                if rule.target is not None and rule.target.kind in LOG_TARGETS:
+                    needed |= {Field.IIFNAME, Field.OIFNAME}
                 if rule.target is not None and rule.target.kind == "MARK":
                     needed.add(Field.MARK)
                     sets_mark = True
@@ -302,7 +312,8 @@ class TableCompiler:
     def _chain_body(self, a: Assembler, chain: Chain, labels: dict[str, Label], verdict: Label,
                     fl: Flavour, *, main: bool) -> None:
         policy = a.label("policy")
-        gen = PredGen(a, fl.family, fl.static_fields())
+        self._static = fl.static_fields()
+        gen = PredGen(a, fl.family, self._static)
         segments = self.segments(chain, fl)
         i = 0
         while i < len(chain.rules):
@@ -496,6 +507,10 @@ class TableCompiler:
                 verdict: Label, policy: Label, *, main: bool) -> None:
         t = rule.target
         if t is None:
+            return
+        if t.kind in LOG_TARGETS:
+            self.maps[LOG_MAP] = log_map_spec()
+            emit_log(a, slot, self.table.name, self.fl.family, self._static)
             return
         if t.kind == "MARK":
             # (mark & ~mask) ^ value; later `-m mark` matches read the struct's copy.

@@ -24,6 +24,7 @@ from ..compiler.codegen import COUNTERS, TRACE, CompiledTable, compile_table
 from ..compiler.hooks.base import Flavour, Verdict
 from ..compiler.hooks.nf import NetfilterFlavour
 from ..compiler.hooks.tcxdp import TcFlavour, XdpFlavour
+from ..compiler.logging import LOG_MAP
 from ..compiler.validate import CompileError
 from ..ir.model import Counters, Family, Ruleset
 from . import conntrack
@@ -176,6 +177,11 @@ class Runtime:
             loaded: list[tuple[str, str, Prog]] = []
             maps: dict[str, Map] = {}
             extra: list[Map] = []
+            # Maps that outlive a ruleset: the log ring buffer `monitor` reads.
+            shared: dict = {}
+            log_path = self._path(pin_name("log", fam.value))
+            if os.path.exists(log_path):
+                shared[LOG_MAP] = Map.open_pinned(log_path)
             neutral = Prog.load(make_flavour(self.hook, fam, self.iface or "x").prog_type,
                                 D.neutral(self._accept_code(fam)), name="bpf_neutral",
                                 attach_type=make_flavour(self.hook, fam, self.iface or "x")
@@ -184,8 +190,13 @@ class Runtime:
                 tables: dict[str, TableRecord] = {}
                 for ct in compiled:
                     tname = ct.table.name
-                    tmaps = ct.create_maps()
+                    tmaps = ct.create_maps(shared)
                     for k, m in tmaps.items():
+                        if k == LOG_MAP:
+                            if LOG_MAP not in shared:
+                                shared[LOG_MAP] = m
+                                m.pin(self._path(pin_name("log", fam.value)))
+                            continue
                         if k in (COUNTERS, TRACE):
                             maps[pin_name("cnt" if k == COUNTERS else "trace", fam.value,
                                           tname)] = m
@@ -233,7 +244,7 @@ class Runtime:
             finally:
                 for _, _, p in loaded:
                     p.close()
-                for m in [*maps.values(), *extra]:
+                for m in [*maps.values(), *extra, *shared.values()]:
                     m.close()
                 neutral.close()
             # After the switch: drop the old generation and hooks the new ruleset left.
@@ -376,6 +387,11 @@ class Runtime:
                                    "xlated_insns": info.xlated_prog_len // 8,
                                    "jited_bytes": info.jited_prog_len}
         return out
+
+    def log_path(self, fam: Family) -> str | None:
+        """Pin path of the family's log ring buffer, if a logging ruleset was loaded."""
+        p = self._path(pin_name("log", fam.value))
+        return p if os.path.exists(p) else None
 
     def map_path(self, fam: Family, kind: str, table: str = "filter") -> str | None:
         """Pin path of the active `cnt`/`trace` map of a table, if loaded."""
