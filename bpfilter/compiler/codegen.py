@@ -20,7 +20,18 @@ from ..bpf.consts import Helper, MapType
 from ..bpf.insn import AluOp, JmpOp
 from ..bpf.maps import Map, MapSpec
 from ..ir.model import ACCEPT, DROP, GOTO, JUMP, RETURN, Chain, ChainRef, Rule, Table
-from ..ir.pred import CT_FIELDS, Field, Pred, TcpOption, all_of, fields_of
+from ..ir.pred import (
+    CT_FIELDS,
+    AllOf,
+    AnyOf,
+    Field,
+    Not,
+    Pred,
+    RateLimit,
+    TcpOption,
+    all_of,
+    fields_of,
+)
 from ..matches import REGISTRY, Context, MatchError
 from ..matches.ip import BUILTIN_ORDER
 from . import layout as L
@@ -31,7 +42,7 @@ from .classify.groups import Group, build_groups, signature
 from .hooks.base import Flavour, HookPoint, Verdict
 from .logging import LOG_MAP, LOG_TARGETS, emit_log, log_map_spec
 from .parse import emit_parse
-from .predgen import PredGen, Unsupported
+from .predgen import LIMITS_MAP, PredGen, Unsupported
 from .validate import CompileError, always_decides, call_depth, reachable
 
 COUNTERS, TRACE = "counters", "trace"
@@ -166,6 +177,7 @@ class TableCompiler:
         self.rules_per_group = int(flavour.opts.get("rules_per_group", RULES_PER_GROUP))
         self._groups_used = 0
         self.uses_conntrack = False
+        self._limits: dict[tuple, int] = {}  # rate limit key -> its u64 in the limits map
         self._reject_kinds: list = []  # REJECT kinds of the program being compiled (by index)
 
     # -- lowering ------------------------------------------------------------------------
@@ -196,7 +208,7 @@ class TableCompiler:
                 parts.append(entry.lower(m.params, ctx))
             except MatchError as e:
                 raise CompileError(f"match {m.kind!r}: {e}", rule.origin) from None
-        pred = all_of(*parts)
+        pred = _key_limits(all_of(*parts), (chain, n))
         for f in fields_of(pred):
             why = self.fl.unsupported_field(f)
             if why is not None:
@@ -254,6 +266,9 @@ class TableCompiler:
             TRACE: MapSpec(MapType.PERCPU_ARRAY, 4, TRACE_VALUE, 1, name="bpfilter_trace"),
             **self.maps,
         }
+        if self._limits:
+            maps[LIMITS_MAP] = MapSpec(MapType.ARRAY, 4, 8 * len(self._limits), 1,
+                                       name="bpfilter_limit")
         return CompiledTable(self.table, self.fl, programs, self.slots, maps, self.map_data,
                              self.uses_conntrack)
 
@@ -313,7 +328,7 @@ class TableCompiler:
                     fl: Flavour, *, main: bool) -> None:
         policy = a.label("policy")
         self._static = fl.static_fields()
-        gen = PredGen(a, fl.family, self._static)
+        gen = PredGen(a, fl.family, self._static, self._limit_offset)
         segments = self.segments(chain, fl)
         i = 0
         while i < len(chain.rules):
@@ -351,6 +366,12 @@ class TableCompiler:
         else:
             with a.origin(Origin(f"end of user chain {chain.name}: return", chain.name)):
                 a.emit(I.mov64_imm(I.R0, Verdict.CONTINUE), I.exit_())
+
+    def _limit_offset(self, key: tuple) -> int:
+        """Byte offset of a rate limit's state (one u64 per limit, in rule order of first use)."""
+        if key not in self._limits:
+            self._limits[key] = len(self._limits)
+        return 8 * self._limits[key]
 
     # -- classified segments -------------------------------------------------------------
 
@@ -614,6 +635,24 @@ def _count(a: Assembler, slot: int) -> None:
     a.emit(I.ldx(I.H, I.R1, L.R_PKT, L.IPLEN), I.ldx(I.DW, I.R2, I.R0, 8),
            I.alu64(AluOp.ADD, I.R2, I.R1, reg=True), I.stx(I.DW, I.R0, I.R2, 8))
     a.place(skip)
+
+
+def _key_limits(pred: Pred, rule: tuple) -> Pred:
+    """Give each rate limit of a rule its own key (rule, position): its bucket."""
+    count = 0
+
+    def walk(p: Pred) -> Pred:
+        nonlocal count
+        if isinstance(p, RateLimit):
+            count += 1
+            return RateLimit(p.interval_ns, p.burst, (*rule, count))
+        if isinstance(p, AllOf | AnyOf):
+            return type(p)(tuple(walk(q) for q in p.preds))
+        if isinstance(p, Not):
+            return Not(walk(p.pred))
+        return p
+
+    return walk(pred)
 
 
 def _count_reg(a: Assembler, reg: int) -> None:

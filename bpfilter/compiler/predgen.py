@@ -7,10 +7,12 @@ A *hotdrop* (netfilter drops the packet in the middle of a match) jumps to `hotd
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..bpf import insn as I
 from ..bpf.asm import Assembler, Label
+from ..bpf.consts import Helper
 from ..bpf.insn import AluOp, JmpOp
 from ..ir.model import Family
 from ..ir.pred import (
@@ -26,6 +28,7 @@ from ..ir.pred import (
     Pred,
     Proto,
     Range,
+    RateLimit,
     TcpOption,
     TransportHeader,
 )
@@ -33,6 +36,8 @@ from . import layout as L
 from .layout import R_PKT
 
 _SIZES = {1: I.B, 2: I.H, 4: I.W, 8: I.DW}
+LIMITS_MAP = "limits"
+LIMIT_RETRIES = 4
 _WHY_NOT = {
     "AddrType": "match 'addrtype' is not supported: address types come from the kernel's "
                 "routing tables, which netfilter programs cannot read and bpf_fib_lookup "
@@ -53,6 +58,8 @@ class PredGen:
     # Compile-time values of fields the hook knows statically (e.g. the interface of a tc
     # program); a predicate over such a field folds to a constant.
     static: dict[Field, bytes]
+    # Offset of a rate limit's state in the limits map, by the limit's key.
+    limits: Callable[[tuple], int] | None = None
 
     def emit(self, pred: Pred, fail: Label, hotdrop: Label) -> None:
         """Fall through if `pred` holds, jump to `fail` if not, to `hotdrop` on a hotdrop."""
@@ -91,6 +98,8 @@ class PredGen:
                 a.jump(JmpOp.JEQ if neg else JmpOp.JNE, I.R1, proto, fail)
             case TcpOption(kind=kind):
                 self._tcp_option(kind, fail, hotdrop)
+            case RateLimit():
+                self._rate_limit(pred, fail)
             case EtherHeader():
                 a.emit(I.ldx(I.B, I.R1, R_PKT, L.ETHOK))
                 a.jump(JmpOp.JEQ, I.R1, 0, fail)
@@ -245,6 +254,34 @@ class PredGen:
         a.place(whole)
         a.emit(I.ldx(I.B, I.R1, R_PKT, L.L4AVAIL))
         a.jump(JmpOp.JLT, I.R1, need, hotdrop)
+
+    def _rate_limit(self, r: RateLimit, fail: Label) -> None:
+        """GCRA, the token bucket's equivalent on one u64 (the theoretical arrival time): a
+        packet at `now` conforms if tat <= now + tau, and moves tat to max(tat, now) + T.
+        The update is a compare-and-swap, retried: the bucket is shared by all CPUs."""
+        a = self.asm
+        if self.limits is None:
+            raise Unsupported("rate limits need a limits map")
+        off = self.limits(r.key)
+        tau = (r.burst - 1) * r.interval_ns
+        ok = a.label("limit_ok")
+        a.emit(I.call_helper(Helper.ktime_get_ns), I.mov64(I.R3, I.R0))
+        a.ld_map_value(I.R2, LIMITS_MAP, off)
+        a.emit(I.ldx(I.DW, I.R0, I.R2, 0))
+        for _ in range(LIMIT_RETRIES):
+            later = a.label("limit_later")
+            a.emit(I.ld_imm64(I.R4, tau), I.alu64(AluOp.ADD, I.R4, I.R3, reg=True))
+            a.jump(JmpOp.JGT, I.R0, I.R4, fail, reg=True)  # no token left
+            a.emit(I.mov64(I.R5, I.R3))
+            a.jump(JmpOp.JGE, I.R3, I.R0, later, reg=True)
+            a.emit(I.mov64(I.R5, I.R0))
+            a.place(later)
+            a.emit(I.ld_imm64(I.R4, r.interval_ns), I.alu64(AluOp.ADD, I.R5, I.R4, reg=True))
+            a.emit(I.mov64(I.R1, I.R0))
+            a.emit(I.atomic(I.DW, I.Atomic.CMPXCHG, I.R2, I.R5, 0))
+            a.jump(JmpOp.JEQ, I.R0, I.R1, ok, reg=True)
+        a.goto(fail)  # lost the race too often: count it as over the limit
+        a.place(ok)
 
     def _tcp_option(self, kind: int, fail: Label, hotdrop: Label) -> None:
         """Scan the TCP options the parser copied, as xt_tcpudp's tcp_find_option does."""

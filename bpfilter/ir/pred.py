@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from .sets import SetDef
+
 
 class Order(Enum):
     """How a field's bytes are stored."""
@@ -179,8 +181,31 @@ class AddrType:
     dev: str | None = None
 
 
+@dataclass(frozen=True)
+class RateLimit:
+    """A token bucket (xt_limit): true while tokens remain, taking one. One token every
+    `interval_ns`, at most `burst` stored. `key` names the rule it belongs to: each rule has its
+    own bucket, shared by every program that contains the rule."""
+
+    interval_ns: int
+    burst: int
+    key: tuple = ()
+
+
+@dataclass(frozen=True)
+class SetLookup:
+    """xt_set: the packet's member of set `definition` (per dimension an address, network or
+    protocol and port, from the source where `src[i]`, else the destination) is stored there,
+    and is not a `nomatch` member (with `return_nomatch`: is one). A packet without the ports
+    a dimension needs (ip_set_get_ip_port's cases) is not in the set; nothing hotdrops."""
+
+    definition: SetDef
+    src: tuple[bool, ...]
+    return_nomatch: bool = False
+
+
 Pred = (Cmp | Range | Not | AnyOf | AllOf | Const | NonFirstFragment | TransportHeader | Proto
-        | TcpOption | EtherHeader | AddrType)
+        | TcpOption | EtherHeader | AddrType | RateLimit | SetLookup)
 
 
 def all_of(*preds: Pred) -> Pred:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..ir.model import Family
+from ..ir.pred import RateLimit
 from .registry import REGISTRY, Context, MatchEntry, MatchError, Option
 from .util import Opts, arg, bang, exclusive, need, not_lowered, one
 from .values import bare, format_addr, parse_addr, parse_uint, quote
@@ -72,7 +73,9 @@ def _save_limit(p: LimitMatch, ctx: Context) -> list[str]:
 LIMIT = REGISTRY.add_match(MatchEntry(
     "limit", (Option(("--limit",), "limit", invert=False),
               Option(("--limit-burst",), "limit-burst", invert=False)),
-    _build_limit, _save_limit, not_lowered("limit"),
+    _build_limit, _save_limit,
+    # The period is in 1/10000 s (XT_LIMIT_SCALE): one token per period, `burst` at most.
+    lambda p, c: RateLimit(p.period * 100_000, p.burst),
     describe=lambda p, c, n: f"limit: avg {format_rate(p.period, LIMIT_SCALE)[0]} burst {p.burst}"))
 
 # --- hashlimit -------------------------------------------------------------------------------
