@@ -21,34 +21,35 @@ from . import netns
 from .bpf.bpffs import mount_bpffs, umount
 
 RULESET = """\
-# A host firewall: loopback, the services this host offers, ICMP in moderation.
+# A host firewall: stateful, the services this host offers, ICMP in moderation, a logged drop.
 *filter
 :INPUT DROP [0:0]
 :FORWARD DROP [0:0]
 :OUTPUT ACCEPT [0:0]
 :SERVICES - [0:0]
 :ICMP - [0:0]
+:LOGDROP - [0:0]
 -A INPUT -i lo -j ACCEPT
--A INPUT -p tcp ! --syn -m comment --comment "segments of open connections" -j ACCEPT
+-A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+-A INPUT -m conntrack --ctstate INVALID -j DROP
 -A INPUT -p icmp -j ICMP
 -A INPUT -s 192.0.2.0/24 -m comment --comment "a blocklisted network" -j DROP
--A INPUT -j SERVICES
+-A INPUT -m conntrack --ctstate NEW -j SERVICES
+-A INPUT -j LOGDROP
 -A SERVICES -p tcp -s {client_net} --dport 22 -j ACCEPT
 -A SERVICES -p tcp -m multiport --dports 80,443 -j ACCEPT
 -A SERVICES -p udp --dport 53 -j ACCEPT
--A SERVICES -p tcp --dport 23 -j REJECT_LATER
 -A ICMP -p icmp --icmp-type echo-request -m length --length 0:1000 -j ACCEPT
 -A ICMP -p icmp --icmp-type destination-unreachable -j ACCEPT
 -A ICMP -j DROP
+-A LOGDROP -m limit --limit 10/second -j LOG --log-prefix "demo drop: "
+-A LOGDROP -j DROP
 COMMIT
 """
 
 
 def _ruleset(client_net: str) -> str:
-    # REJECT needs a reply path (the stateful issue); until then port 23 is simply dropped.
-    return RULESET.format(client_net=client_net).replace(
-        "-A SERVICES -p tcp --dport 23 -j REJECT_LATER\n",
-        "-A SERVICES -p tcp --dport 23 -j DROP\n")
+    return RULESET.format(client_net=client_net)
 
 
 def _sh(*argv: str, ns: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
@@ -152,14 +153,23 @@ def main() -> int:
             ("TCP port 22 from the client network", lambda: _try_tcp(client, f"{net}.2", 22),
              True),
             ("TCP port 80 (multiport 80,443)", lambda: _try_tcp(client, f"{net}.2", 80), True),
-            ("TCP port 23 (dropped)", lambda: _try_tcp(client, f"{net}.2", 23), False),
+            ("TCP port 23 (dropped, and logged)", lambda: _try_tcp(client, f"{net}.2", 23),
+             False),
         ]
+        monitor = subprocess.Popen(
+            [sys.executable, "-m", "bpfilter.cli.main", "monitor", "--netns", server,
+             "--count", "1", "--duration", "5"], stdout=subprocess.PIPE, text=True)
+        time.sleep(0.5)
         for name, fn, want in checks:
             got = fn()
             mark = "ok " if got == want else "BAD"
             ok &= got == want
             print(f"[{mark}] {name}: {'passed' if got else 'blocked'}"
                   f" (expected {'passed' if want else 'blocked'})")
+        print("\n== bpfilter monitor (the first logged drop) ==")
+        print(monitor.communicate(timeout=10)[0].strip())
+        print("\n== bpfilter conntrack list ==")
+        print(_bpfilter("conntrack", "list", "--netns", server).stdout.strip())
         print("\n== bpfilter list -v -n --line-numbers ==")
         print(_bpfilter("list", "-v", "-n", "--line-numbers", "--netns", server).stdout)
         print("== bpfilter save -c ==")
