@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 from ...bpf import insn as I
 from ...bpf.asm import Assembler, Label
+from ...bpf.consts import Helper
 from ...bpf.insn import AluOp, JmpOp
 from ...ir.model import Family
 from ...ir.pred import CT_FIELDS, Field
@@ -43,6 +45,19 @@ class EthernetFlavour(Flavour):
     def for_hook(self, hook: HookPoint) -> EthernetFlavour:
         """A copy facing the hook's direction."""
         return dataclasses.replace(self, egress=hook.egress)
+
+    load_helper: ClassVar[Helper]  # bpf_skb_load_bytes or bpf_xdp_load_bytes
+
+    def emit_load(self, a: Assembler, off_reg: int, dst: int, length: int | None,
+                  len_reg: int | None = None) -> None:
+        """load_helper(ctx, off, r9 + dst, len): both helpers take the same arguments."""
+        a.emit(I.mov64(I.R1, L.R_CTX), I.mov64(I.R2, off_reg))
+        a.emit(I.mov64(I.R3, L.R_PKT), I.alu64(AluOp.ADD, I.R3, dst, reg=False))
+        if len_reg is not None:
+            a.emit(I.mov64(I.R4, len_reg))
+        else:
+            a.emit(I.mov64_imm(I.R4, length or 0))
+        a.emit(I.call_helper(self.load_helper))
 
     def emit_l3_offset(self, a: Assembler, on_pass: Label) -> None:
         """Skip the Ethernet header and up to two VLAN tags; pass other protocols."""

@@ -60,16 +60,7 @@ class TcFlavour(EthernetFlavour):
         """Keep the __sk_buff context in r6."""
         a.emit(I.mov64(L.R_CTX, I.R1))
 
-    def emit_load(self, a: Assembler, off_reg: int, dst: int, length: int | None,
-                  len_reg: int | None = None) -> None:
-        """bpf_skb_load_bytes(skb, off, r9 + dst, len)."""
-        a.emit(I.mov64(I.R1, L.R_CTX), I.mov64(I.R2, off_reg))
-        a.emit(I.mov64(I.R3, L.R_PKT), I.alu64(AluOp.ADD, I.R3, dst, reg=False))
-        if len_reg is not None:
-            a.emit(I.mov64(I.R4, len_reg))
-        else:
-            a.emit(I.mov64_imm(I.R4, length or 0))
-        a.emit(I.call_helper(Helper.skb_load_bytes))
+    load_helper: ClassVar[Helper] = Helper.skb_load_bytes
 
     def emit_mark(self, a: Assembler) -> None:
         """skb->mark from the context."""
@@ -119,16 +110,7 @@ class XdpFlavour(EthernetFlavour):
         """Keep the xdp_md context in r6."""
         a.emit(I.mov64(L.R_CTX, I.R1))
 
-    def emit_load(self, a: Assembler, off_reg: int, dst: int, length: int | None,
-                  len_reg: int | None = None) -> None:
-        """bpf_xdp_load_bytes(xdp, off, r9 + dst, len)."""
-        a.emit(I.mov64(I.R1, L.R_CTX), I.mov64(I.R2, off_reg))
-        a.emit(I.mov64(I.R3, L.R_PKT), I.alu64(AluOp.ADD, I.R3, dst, reg=False))
-        if len_reg is not None:
-            a.emit(I.mov64(I.R4, len_reg))
-        else:
-            a.emit(I.mov64_imm(I.R4, length or 0))
-        a.emit(I.call_helper(Helper.xdp_load_bytes))
+    load_helper: ClassVar[Helper] = Helper.xdp_load_bytes
 
     # -- REJECT: the reply is transmitted from the receive queue (XDP_TX) -----------------
 
