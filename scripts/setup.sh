@@ -11,6 +11,7 @@ command -v bpftool >/dev/null || need+=(bpftool)
 command -v ping >/dev/null || need+=(iputils-ping)
 command -v ip >/dev/null || need+=(iproute2)
 command -v tcpdump >/dev/null || need+=(tcpdump)
+command -v ipset >/dev/null || need+=(ipset)  # the differential tests' reference for sets
 if [ ${#need[@]} -gt 0 ]; then
     echo "setup: installing ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive

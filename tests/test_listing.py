@@ -198,6 +198,9 @@ COMMIT
 COMMIT
 """}
 
+# Entries whose listing another test compares with iptables' (they need kernel objects first).
+LISTED_ELSEWHERE = {"set"}  # tests/test_sets_cli.py: ipset sets in the legacy namespace
+
 OPTIONS = [[flag for flag, on in zip(("-v", "-x", "-n", "--line-numbers"), combo, strict=True)
             if on] for combo in itertools.product((False, True), repeat=4)]
 
@@ -318,6 +321,7 @@ def test_every_entry_is_listed_by_a_test() -> None:
                 used.update([rule.target.kind] if rule.target is not None else [])
     matches = {e.name for e in REGISTRY.matches.values() if not e.builtin}
     targets = set(REGISTRY.targets)
+    used |= LISTED_ELSEWHERE
     assert matches - used == set() and targets - used == set()
     assert {GOTO, JUMP} <= used
 

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 
 from ..bpf.prog import VerifierError
 from ..bpf.syscall import BpfError
@@ -15,6 +16,7 @@ from ..matches.registry import MatchError
 from ..runtime.conntrack import ConntrackError
 from ..runtime.loader import Loaded, Runtime, RuntimeError_
 from .pcap import PcapError
+from .setcmd import SetCommandError
 
 
 class UserError(Exception):
@@ -35,18 +37,46 @@ def _read(path: str) -> tuple[str, str]:
         raise UserError(f"cannot read {path}: {e.strerror}") from None
 
 
-def parse_file(path: str, family: Family) -> tuple[Ruleset, str, str]:
-    """Parse an iptables-save file; returns the ruleset, its canonical text and the original."""
+def parse_file(path: str, family: Family, sets: dict | None = None,
+               default_sets: Callable[[], dict] | None = None) -> tuple[Ruleset, str, str]:
+    """Parse an iptables-save file (ipset commands may come before its first table, on top of
+    `sets`; with neither, rules see `default_sets()`); returns the ruleset, its canonical text
+    and the original."""
+    from ..frontends.ipset import parse_sets, split_combined
     from ..frontends.iptables.parser import ParseError, parse
     from ..frontends.iptables.saver import save
 
     text, name = _read(path)
     try:
-        rs = parse(text, family=family, filename=name)
+        set_text, rule_text = split_combined(text)
+        if set_text.strip():
+            sets = parse_sets(set_text, filename=name, sets=sets)
+        elif sets is None and default_sets is not None:
+            sets = default_sets()
+        rs = parse(rule_text, family=family, filename=name, sets=sets)
     except ParseError as e:
         raise UserError(str(e)) from None
     rs.source = os.path.abspath(path) if path != "-" else None
     return rs, save(rs), text
+
+
+def _loaded_sets(args: argparse.Namespace, fam: Family) -> dict:
+    """The definitions of the sets loaded at the hook `args` name (none if it names none)."""
+    from .setcmd import pinned_sets
+
+    try:
+        rt = Runtime(args.hook, netns_name=args.netns, iface=args.iface, root=args.bpffs)
+    except RuntimeError_:
+        return {}
+    return pinned_sets(rt, fam)
+
+
+def _given_sets(args: argparse.Namespace) -> dict | None:
+    """The sets of `--sets FILE`, if given."""
+    from .setcmd import read_set_file
+
+    path = getattr(args, "sets", None)
+    return read_set_file(path) if path else None
 
 
 def _runtime(args: argparse.Namespace, hook: str | None = None) -> Runtime:
@@ -65,7 +95,9 @@ def _loaded_ruleset(rt: Runtime, fam: Family) -> tuple[Ruleset, Loaded]:
     if loaded is None:
         raise UserError(f"no {fam.value} ruleset is loaded at hook {rt.hook}"
                         + (f" of namespace {rt.netns_name}" if rt.netns_name else ""))
-    rs = parse(loaded.record.text, family=fam, filename="<loaded>")
+    from .setcmd import pinned_sets
+
+    rs = parse(loaded.record.text, family=fam, filename="<loaded>", sets=pinned_sets(rt, fam))
     for tname, tr in loaded.record.tables.items():
         counts = loaded.counters.get(tname)
         table = rs.tables.get(tname)
@@ -85,7 +117,9 @@ def _loaded_ruleset(rt: Runtime, fam: Family) -> tuple[Ruleset, Loaded]:
 def cmd_restore(args: argparse.Namespace) -> int:
     """Compile, load and attach (or with --test only compile and verify)."""
     fam = _family(args)
-    rs, text, original = parse_file(args.file, fam)
+    # Without set definitions, rules may use the sets already loaded (which are then kept).
+    rs, text, original = parse_file(args.file, fam, _given_sets(args),
+                                    lambda: _loaded_sets(args, fam))
     if args.test:
         from ..runtime.checker import Checker
         from ..runtime.loader import compile_ruleset
@@ -154,7 +188,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from .pcap import read_pcap
 
     fam = _family(args)
-    rs, _, _ = parse_file(args.file, fam)
+    rs, _, _ = parse_file(args.file, fam, _given_sets(args))
     frames = read_pcap(args.pcap)
     with Checker(rs, chain=args.chain, table=args.table, hook=args.hook, iif=args.iif,
                  oif=args.oif) as chk:
@@ -176,16 +210,20 @@ def cmd_dump(args: argparse.Namespace) -> int:
 
     fam = _family(args)
     if args.file:
-        rs, _, _ = parse_file(args.file, fam)
+        rs, _, _ = parse_file(args.file, fam, _given_sets(args))
         loaded = None
     else:
+        from ..frontends.ipset import split_combined
         from ..frontends.iptables.parser import parse
+        from .setcmd import pinned_sets
 
-        _, loaded = _loaded_ruleset(_runtime(args), fam)
+        rt = _runtime(args)
+        _, loaded = _loaded_ruleset(rt, fam)
         rec = loaded.record
         # Recompile from the operator's own text, so each block cites their file and line.
         name = rec.source or "<loaded>"
-        rs = parse(rec.original or rec.text, family=fam, filename=name)
+        rs = parse(split_combined(rec.original or rec.text)[1], family=fam, filename=name,
+                   sets=pinned_sets(rt, fam))
     sys.stdout.write(dump(rs, args.hook, getattr(args, "iface", None),
                           _runtime(args) if loaded else None, as_json=args.json))
     return 0
@@ -227,16 +265,26 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_set(args: argparse.Namespace) -> int:
+    """`bpfilter set ...`: list or change the sets loaded at a hook (see `setcmd`)."""
+    from .setcmd import cmd_set as run_set
+
+    rt, fam = _runtime(args), _family(args)
+    loaded = _loaded_ruleset(rt, fam)[0] if rt.loaded(fam) is not None else None
+    return run_set(args, rt, fam, loaded)
+
+
 COMMANDS = {"restore": cmd_restore, "save": cmd_save, "list": cmd_list, "flush": cmd_flush,
             "check": cmd_check, "dump": cmd_dump, "conntrack": cmd_conntrack,
-            "monitor": cmd_monitor}
+            "monitor": cmd_monitor, "set": cmd_set}
 
 
 def run(args: argparse.Namespace) -> int:
     """Run a parsed command, turning known errors into UserError."""
     try:
         return COMMANDS[args.command](args)
-    except (CompileError, MatchError, RuntimeError_, PcapError, ConntrackError) as e:
+    except (CompileError, MatchError, RuntimeError_, PcapError, ConntrackError,
+            SetCommandError) as e:
         raise UserError(str(e)) from None
     except VerifierError as e:
         raise UserError(str(e)) from None

@@ -22,6 +22,12 @@ def _common(p: argparse.ArgumentParser, *, family: bool = True, hook: bool = Tru
                    "or $BPFILTER_BPFFS)")
 
 
+def _sets_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sets", metavar="FILE",
+                   help="named sets in `ipset save` format (the ruleset file may also start "
+                        "with ipset commands)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     ap = argparse.ArgumentParser(
@@ -36,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start the counters at the values in the input")
     p.add_argument("-t", "--test", action="store_true",
                    help="compile and verify only; change nothing")
+    _sets_option(p)
     p.add_argument("file", nargs="?", default="-", help="iptables-save file (- for stdin)")
 
     p = sub.add_parser("save", help="print the loaded ruleset in iptables-save format")
@@ -65,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--oif", help="output interface name")
     p.add_argument("--pcap", required=True, help="pcap file of Ethernet frames")
     p.add_argument("--json", action="store_true", help="one JSON object per packet")
+    _sets_option(p)
     p.add_argument("file", help="iptables-save file (- for stdin)")
 
     p = sub.add_parser("conntrack", help="list or flush connection tracking entries")
@@ -85,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--json", action="store_true", help="JSON output")
     p.add_argument("-f", "--file", help="compile FILE instead of reading what is loaded")
+    _sets_option(p)
+
+    from .setcmd import add_parser
+
+    add_parser(sub, _common)
 
     return ap
 
@@ -94,7 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     from . import commands
 
     ap = build_parser()
-    args = ap.parse_args(argv)
+    args, extra = ap.parse_known_args(argv)
+    if extra and getattr(args, "command", None) == "set" and not any(
+            e.startswith("-") for e in extra):
+        args.args += extra  # `set add --netns X NAME MEMBER`: argparse stops at the option
+    elif extra:
+        ap.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         ap.print_help()
         return 2

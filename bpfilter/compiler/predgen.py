@@ -29,11 +29,13 @@ from ..ir.pred import (
     Proto,
     Range,
     RateLimit,
+    SetLookup,
     TcpOption,
     TransportHeader,
 )
 from . import layout as L
 from .layout import R_PKT
+from .setgen import emit_set_lookup
 
 _SIZES = {1: I.B, 2: I.H, 4: I.W, 8: I.DW}
 LIMITS_MAP = "limits"
@@ -103,6 +105,8 @@ class PredGen:
             case EtherHeader():
                 a.emit(I.ldx(I.B, I.R1, R_PKT, L.ETHOK))
                 a.jump(JmpOp.JEQ, I.R1, 0, fail)
+            case SetLookup():
+                emit_set_lookup(a, self.family, pred, fail)
             case _:
                 why = _WHY_NOT.get(type(pred).__name__)
                 raise Unsupported(why or f"{type(pred).__name__} cannot be compiled here")

@@ -133,6 +133,8 @@ class Ruleset:
     family: Family
     tables: dict[str, Table] = field(default_factory=dict)
     source: str | None = field(default=None, compare=False)
+    # Named sets rules may reference (`-m set`), by name: bpfilter.ir.sets.IpSet.
+    sets: dict[str, Any] = field(default_factory=dict)
 
     def table(self, name: str) -> Table:
         """The table called `name`, created empty if absent."""

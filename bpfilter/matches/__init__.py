@@ -10,6 +10,7 @@ from . import (  # noqa: F401  (registration side effects)
     nat,
     packet,
     ratelimit,
+    sets,
     targets,
     tcpudp,
     xtargets,

@@ -9,7 +9,7 @@ own that the compiler lowers specially.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +70,8 @@ class Context:
     hook: str | None = None  # the hook flavour when compiling (nf, tc, xdp), None when parsing
     # The rule's other matches (targets such as TCPMSS depend on them).
     matches: tuple[Any, ...] = ()
+    # Named sets `-m set` may reference: name -> bpfilter.ir.sets.SetDef.
+    sets: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
 
 # `describe(params, ctx, numeric)`: the text the extension's print function writes into the

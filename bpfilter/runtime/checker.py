@@ -16,6 +16,7 @@ from ..compiler.codegen import COUNTERS, PASSED, TRACE, CompiledTable, compile_t
 from ..compiler.hooks.base import Flavour, Verdict
 from ..compiler.hooks.nf import NetfilterFlavour
 from ..compiler.hooks.tcxdp import TcFlavour, XdpFlavour
+from ..compiler.setmaps import initial_data
 from ..compiler.validate import CompileError
 from ..ir.model import Counters, Family, Ruleset
 
@@ -61,6 +62,7 @@ class Checker:
             raise CompileError(f"chain {chain} has no program on hook {hook}")
         cp = self.compiled.programs[chain]
         self.nf_hook = cp.hook.nf_hook
+        self.compiled.map_data.update(initial_data(rs.sets, self.compiled.maps))
         self.maps = self.compiled.create_maps()
         try:
             self.prog = Prog.load(cp.flavour.prog_type,

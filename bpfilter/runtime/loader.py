@@ -27,7 +27,7 @@ from ..compiler.hooks.tcxdp import TcFlavour, XdpFlavour
 from ..compiler.logging import LOG_MAP
 from ..compiler.validate import CompileError
 from ..ir.model import Counters, Family, Ruleset
-from . import conntrack
+from . import conntrack, sets
 from . import dispatch as D
 from .state import (
     Record,
@@ -187,6 +187,9 @@ class Runtime:
                                 attach_type=make_flavour(self.hook, fam, self.iface or "x")
                                 .attach_type)
             try:
+                # Named sets: shared by the family's programs, kept across restores.
+                setsync = sets.SetSync(self.dir, fam, rs.sets)
+                shared.update(setsync.maps)
                 tables: dict[str, TableRecord] = {}
                 for ct in compiled:
                     tname = ct.table.name
@@ -237,6 +240,7 @@ class Runtime:
                     path = self._path(pin_name(name, str(new)))
                     unlink_quiet(path)
                     m.pin(path)
+                setsync.commit()
                 # The switch.
                 words = list(words)
                 words[fi] = new
@@ -248,6 +252,7 @@ class Runtime:
                     m.close()
                 neutral.close()
             # After the switch: drop the old generation and hooks the new ruleset left.
+            setsync.finish()
             for t, c in D.TABLE_CHAINS:
                 with contextlib.suppress(OSError):
                     progs.delete(_u32(cur * D.GEN_STRIDE + D.slot_id(fam, t, c)))

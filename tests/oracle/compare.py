@@ -54,11 +54,17 @@ class Stats:
         return now
 
 
-def parse_ruleset(text: str, family: Family) -> Ruleset:
-    """The iptables front-end's reading of restore text."""
+def parse_ruleset(text: str, family: Family, sets_text: str | None = None) -> Ruleset:
+    """The iptables front-end's reading of restore text (with the sets of `ipset restore`
+    text `sets_text`, if given)."""
     from bpfilter.frontends.iptables.parser import parse
 
-    return parse(text, family=family, filename="<differential>")
+    sets = None
+    if sets_text is not None:
+        from bpfilter.frontends.ipset import parse_sets
+
+        sets = parse_sets(sets_text, filename="<differential sets>")
+    return parse(text, family=family, filename="<differential>", sets=sets)
 
 
 def _fmt_key(k: Key) -> str:
@@ -111,18 +117,21 @@ class Differential:
         """Load `spec` on both sides and compare every packet; raises Disagreement."""
         self.run_text(spec.text(), spec, packets)
 
-    def run_text(self, text: str, spec: RulesetSpec,
-                 packets: Iterable[PacketSpec]) -> list[Observation]:
+    def run_text(self, text: str, spec: RulesetSpec, packets: Iterable[PacketSpec],
+                 sets_text: str | None = None) -> list[Observation]:
         """Like `run`, for a hand-written text that `spec` describes (chains, targets);
-        returns netfilter's observations, in order."""
+        returns netfilter's observations, in order. With `sets_text` (`ipset restore` text),
+        both sides get those sets first (netfilter's replace every set it had)."""
         fam = spec.family
         placement = PLACEMENTS[spec.table]
         where = f"{spec.table} {spec.chain}"
         t = time.perf_counter()
+        if sets_text is not None:
+            self.oracle.load_sets(sets_text)
         self.oracle.load(text, fam, placement)
         t = self.stats.timed("iptables-restore", t)
         try:
-            rs = parse_ruleset(text, fam)
+            rs = parse_ruleset(text, fam, sets_text)
             checker = Checker(rs, chain=spec.chain, table=spec.table, hook="nf", iif=RX_IFNAME)
             t = self.stats.timed("compile+load", t)
         except Exception as e:
@@ -154,7 +163,8 @@ class Differential:
                     continue
                 ours, last = self._ours(checker, pkt, last)
                 t = self.stats.timed("test runs", t)
-                self._compare(spec, text, where, pkt, frame, ob, ours, keys)
+                self._compare(spec, (sets_text or "") + text, where, pkt, frame, ob, ours,
+                              keys)
         return seen
 
     def _ours(self, checker: Checker, pkt: PacketSpec,

@@ -194,6 +194,21 @@ class NetfilterOracle:
         restore(self.rx_ns, family, text)
         self.loaded[family] = placement
 
+    def load_sets(self, text: str) -> None:
+        """Replace every ipset set of the receiver with those of `ipset restore` text `text`.
+
+        Sets are per namespace; rules referencing a set keep it alive, so the tested tables
+        are emptied first (the next `load` fills them again).
+        """
+        for fam, old in list(self.loaded.items()):
+            restore(self.rx_ns, fam, empty_table(old.table))
+            del self.loaded[fam]
+        netns.run(self.rx_ns, ["ipset", "destroy"])
+        proc = netns.run(self.rx_ns, ["ipset", "restore"], input=text, check=False)
+        if proc.returncode != 0:
+            raise LoadError(f"ipset restore refused the sets: "
+                            f"{(proc.stderr or proc.stdout).strip()}\n{text}")
+
     def counter_keys(self, family: Family) -> set[tuple[str, int | None]]:
         """Every (chain, rule) of the loaded table; rule None for a policy."""
         return set(self.readers[family].read(self.loaded[family].table).flat())
