@@ -353,8 +353,8 @@ def test_lowering_follows_netfilter() -> None:
 
 def test_parse_only_matches_raise_unsupported_by_name() -> None:
     with pytest.raises(Unsupported) as info:
-        lowered("-m limit --limit 3/hour")
-    assert info.value.feature == "limit"
+        lowered("-m hashlimit --hashlimit-upto 3/hour --hashlimit-name h")
+    assert info.value.feature == "hashlimit"
 
 
 # --- the corpus of real rulesets -------------------------------------------------------------

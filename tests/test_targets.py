@@ -49,3 +49,19 @@ def test_mark_target_is_refused_where_the_hook_cannot_set_it(hook):
     rs = parse(MARKS, family=Family.IPV4, filename="marks.v4")
     with pytest.raises(CompileError, match=r"marks.v4:3: .*MARK"):
         Checker(rs, hook=hook, iif="eth0")
+
+
+@pytest.mark.parametrize("hook", ["nf", "tc", "xdp"])
+def test_the_deepest_chain_of_jumps_the_verifier_allows_loads(hook):
+    # Subprograms keep nothing on their own stack: 7 nested chains fit the 512-byte budget.
+    depth = 7
+    lines = ["*filter", ":INPUT ACCEPT [0:0]", *(f":c{i} - [0:0]" for i in range(1, depth + 1)),
+             "-A INPUT -p udp -j c1"]
+    lines += [f"-A c{i} -p udp -j c{i + 1}" for i in range(1, depth)]
+    lines += [f"-A c{depth} -p udp --dport 1 -j DROP", "COMMIT", ""]
+    rs = parse("\n".join(lines), family=Family.IPV4)
+    with Checker(rs, hook=hook, iif="eth0") as c:
+        res = c.run(udp("192.0.2.1", "192.0.2.2", dport=1))
+        assert (res.verdict, res.chain, res.rule) == ("DROP", f"c{depth}", 1)
+        res = c.run(udp("192.0.2.1", "192.0.2.2", dport=2))
+        assert (res.verdict, res.chain, res.rule) == ("ACCEPT", "INPUT", None)

@@ -19,30 +19,42 @@ from ..bpf.asm import Assembler, Label, Origin, Program
 from ..bpf.consts import Helper, MapType
 from ..bpf.insn import AluOp, JmpOp
 from ..bpf.maps import Map, MapSpec
+from ..gcpause import paused_gc
 from ..ir.model import ACCEPT, DROP, GOTO, JUMP, RETURN, Chain, ChainRef, Rule, Table
 from ..ir.pred import (
     CT_FIELDS,
     AllOf,
     AnyOf,
+    Cmp,
     Field,
     Not,
     Pred,
+    Range,
     RateLimit,
     TcpOption,
-    all_of,
     fields_of,
 )
-from ..matches import REGISTRY, Context, MatchError
-from ..matches.ip import BUILTIN_ORDER
+from ..matches import Context
 from . import layout as L
 from . import reject
-from .classify.atoms import NotClassifiable, fold_static, rule_entries
-from .classify.emit import NONE, emit_probe, group_maps
-from .classify.groups import Group, build_groups, signature
+from .classify.atoms import NotClassifiable, fold_static, rule_rows
+from .classify.emit import VALUE_SIZE, emit_probe, group_maps
+from .classify.groups import Group, build_groups, group_key
+from .classify.plan import (
+    ID_MASK,
+    SegmentPlan,
+    action_word,
+    initial_value,
+    segment_plan,
+    spacing,
+    spare,
+)
 from .hooks.base import Flavour, HookPoint, Verdict
 from .logging import LOG_MAP, LOG_TARGETS, emit_log, log_map_spec
+from .lower import lower_rule, rule_context
 from .parse import emit_parse
 from .predgen import LIMITS_MAP, PredGen, Unsupported
+from .setgen import set_maps
 from .validate import CompileError, always_decides, call_depth, reachable
 
 COUNTERS, TRACE = "counters", "trace"
@@ -170,9 +182,12 @@ class TableCompiler:
         self.slots = assign_slots(table)
         self._slot = {(s.chain, s.rule): s.index for s in self.slots}
         self._preds: dict[tuple[str, int], Pred] = {}
+        self._info: dict[tuple[str, int], tuple[frozenset[Field], bool]] = {}  # fields, TCP opts
+        self._contexts: dict[tuple, Context] = {}  # lowering contexts, shared by rules
         self.maps: dict[Hashable, MapSpec] = {}
         self.map_data: dict[Hashable, list[tuple[bytes, bytes]]] = {}
         self._segments: dict[tuple, dict[int, Segment]] = {}
+        self.plans: dict[tuple, SegmentPlan] = {}  # per classified segment, for in-place updates
         self.min_segment = int(flavour.opts.get("min_segment", MIN_SEGMENT))
         self.rules_per_group = int(flavour.opts.get("rules_per_group", RULES_PER_GROUP))
         self._groups_used = 0
@@ -187,29 +202,14 @@ class TableCompiler:
         key = (chain, n)
         if key in self._preds:
             return self._preds[key]
-        proto_m = rule.match("proto")
-        proto = None
-        inverted = False
-        if proto_m is not None:
-            proto = proto_m.params.proto or None
-            inverted = proto_m.params.invert
-        ctx = Context(self.fl.family, self.table.name, chain, None if inverted else proto,
-                      inverted, self.fl.name)
-        parts: list[Pred] = []
-        # ip_packet_match() tests the built-in part first (-s -d -i -o -p -f, in that order),
-        # then the matches in rule order; only the order of hotdrops depends on it.
-        order = {k: i for i, k in enumerate(BUILTIN_ORDER)}
-        builtins = sorted((m for m in rule.matches if m.kind in order), key=lambda m: order[m.kind])
-        for m in [*builtins, *(m for m in rule.matches if m.kind not in order)]:
-            entry = REGISTRY.matches.get(m.kind)
-            if entry is None:
-                raise CompileError(f"match {m.kind!r} is not supported", rule.origin)
-            try:
-                parts.append(entry.lower(m.params, ctx))
-            except MatchError as e:
-                raise CompileError(f"match {m.kind!r}: {e}", rule.origin) from None
-        pred = _key_limits(all_of(*parts), (chain, n))
-        for f in fields_of(pred):
+        ctx = rule_context(rule, self.fl.family, self.table.name, chain, self.fl.name,
+                           self._contexts)
+        pred = lower_rule(rule, ctx)
+        fields, tcp_opts, limits = _pred_info(pred)  # perf: one walk, kept for every program
+        if limits:
+            pred = _key_limits(pred, (chain, n))
+        self._info[key] = (frozenset(fields), tcp_opts)
+        for f in fields:
             why = self.fl.unsupported_field(f)
             if why is not None:
                 raise CompileError(f"{rule_text(chain, n, rule)}: {why} (hook {self.fl.name})",
@@ -296,8 +296,10 @@ class TableCompiler:
                         and rule.target.params not in self._reject_kinds):
                     self._reject_kinds.append(rule.target.params)
                 pred = self.rule_pred(c, n, rule)
-                needed |= fields_of(pred)
-                tcp_opts = tcp_opts or _uses(pred, TcpOption)
+                fields, uses_opts = self._info[(c, n)]
+                needed |= fields
+                tcp_opts = tcp_opts or uses_opts
+                self.maps.update(set_maps(pred))
         verdict, passed = a.label("verdict"), a.label("pass")
         for c in [chain.name, *subs]:
             for seg in self.segments(self.table.chains[c], fl).values():
@@ -429,14 +431,14 @@ class TableCompiler:
             entries = None
             if action is not None:
                 try:
-                    entries = rule_entries(self.rule_pred(chain.name, i + 1, rule), self.fl.family)
+                    entries = rule_rows(self.rule_pred(chain.name, i + 1, rule), self.fl.family)
                     entries = fold_static(entries, static)
                 except NotClassifiable:
                     entries = None
             if entries is None or action is None:
                 close()
                 continue
-            mine = {signature(e) for e in entries}
+            mine = {group_key((r[0], r[2][0] is not None)) for r in entries}  # after LPM merges
             if len(sigs | mine) > MAX_GROUPS:
                 close()  # a new shape: start the next segment here
             sigs |= mine
@@ -447,60 +449,72 @@ class TableCompiler:
 
     def _segment(self, a: Assembler, chain: Chain, seg: Segment, labels: dict[str, Label],
                  verdict: Label, policy: Label, fl: Flavour, *, main: bool) -> None:
-        base = self._slot[(chain.name, seg.start + 1)]
         key = ("cls", chain.name, seg.variant, seg.start)
-        sm = group_maps(key, seg.groups)
-        self.maps.update(sm.specs)
-        self.map_data.update(sm.data)
+        ctl = ("ctl", chain.name, seg.variant, seg.start)
+        # Every verdict is dispatched, so a rule added in place may have any of them.
+        kinds = sorted({*seg.actions, (ACT_ACCEPT, None), (ACT_DROP, None), (ACT_RETURN, None)})
+        ids = {c: i for i, c in enumerate(sorted({c for _, c in kinds if c}))}
+        plan = self.plans.get(ctl) or self._plan(chain, seg, key, ctl, kinds, ids, fl)
         end = a.label("seg_end")
         text = (f"{chain.name} #{seg.start + 1}-#{seg.end}: classifier over "
                 f"{seg.end - seg.start} rules, {len(seg.groups)} lookups")
         with a.origin(Origin(text, chain.name, seg.start + 1)):
-            emit_probe(a, seg.groups, lambda i: (*key, i), fl.family)
-            a.jump(JmpOp.JEQ, I.R8, _s32(NONE), end, wide=True)
-            a.emit(I.mov32(I.R7, I.R8), I.alu32(AluOp.RSH, I.R7, 1, reg=False))
-            n = seg.end - seg.start
-            a.jump(JmpOp.JGE, I.R7, n, end)  # never: bounds r7 for the verifier
+            emit_probe(a, seg.groups, lambda i: (*key, i), ctl, fl.family)
+            a.jump(JmpOp.JEQ, I.R8, -1, end)
+            a.emit(I.mov32(I.R7, I.R8), I.alu32(AluOp.AND, I.R7, ID_MASK, reg=False))
+            a.jump(JmpOp.JGE, I.R7, plan.cap, end)  # never: bounds r7 for the verifier
+            # r7 = the rule's action word (action, counter slot) from the control map.
+            a.ld_map_value(I.R1, ctl, VALUE_SIZE * len(seg.groups))
+            a.emit(I.alu64(AluOp.LSH, I.R7, 3, reg=False), I.alu64(AluOp.ADD, I.R1, I.R7, reg=True))
+            a.emit(I.ldx(I.DW, I.R7, I.R1, 0))
             hot = a.label("seg_hotdrop")
+            a.emit(I.alu64(AluOp.RSH, I.R8, 31, reg=False))
             a.jump(JmpOp.JSET, I.R8, 1, hot)
-            a.emit(I.mov64(I.R1, I.R7), I.alu64(AluOp.ADD, I.R1, base, reg=False))
+            a.emit(I.mov64(I.R1, I.R7), I.alu64(AluOp.RSH, I.R1, 32, reg=False))
             _count_reg(a, I.R1)
-            kinds = sorted(set(seg.actions))
-            if len(kinds) == 1:
-                self._act(a, kinds[0], base, labels, verdict, policy, end, main=main)
-            else:
-                akey = ("act", chain.name, seg.variant, seg.start)
-                self.maps[akey] = MapSpec(MapType.ARRAY, 4, 4 * n, 1, name="bpfilter_act")
-                ids = {c: i for i, c in enumerate(sorted({c for _, c in kinds if c}))}
-                table = b"".join((k | (ids[c] << 8 if c else 0)).to_bytes(4, "little")
-                                 for k, c in seg.actions)
-                self.map_data[akey] = [(bytes(4), table)]
-                a.ld_map_value(I.R1, akey, 0)
-                a.emit(I.mov64(I.R2, I.R7), I.alu64(AluOp.LSH, I.R2, 2, reg=False))
-                a.emit(I.alu64(AluOp.ADD, I.R1, I.R2, reg=True), I.ldx(I.W, I.R1, I.R1, 0))
-                a.emit(I.mov64(I.R2, I.R1), I.alu32(AluOp.AND, I.R2, 0xFF, reg=False))
-                for kind, chain_name in kinds:
-                    skip = a.label("act")
-                    a.jump(JmpOp.JNE, I.R2, kind, skip)
-                    if chain_name is not None:
-                        a.emit(I.mov64(I.R3, I.R1), I.alu32(AluOp.RSH, I.R3, 8, reg=False))
-                        a.jump(JmpOp.JNE, I.R3, ids[chain_name], skip)
-                    self._act(a, (kind, chain_name), base, labels, verdict, policy, end,
-                              main=main)
-                    a.place(skip)
-                a.goto(end)  # an action code this segment does not have: cannot happen
+            a.emit(I.mov32(I.R2, I.R7), I.alu32(AluOp.AND, I.R2, 0xFF, reg=False))
+            for kind, chain_name in kinds:
+                skip = a.label("act")
+                a.jump(JmpOp.JNE, I.R2, kind, skip)
+                if chain_name is not None:
+                    a.emit(I.mov32(I.R3, I.R7), I.alu32(AluOp.RSH, I.R3, 8, reg=False))
+                    a.jump(JmpOp.JNE, I.R3, ids[chain_name], skip)
+                self._act(a, (kind, chain_name), labels, verdict, policy, end, main=main)
+                a.place(skip)
+            a.goto(end)  # an action code this segment does not have: cannot happen
             a.place(hot)
-            _decide_reg(a, base)
+            _decide_slot(a)
             _finish(a, Verdict.DROP, verdict, main)
         a.place(end)
 
-    def _act(self, a: Assembler, action: tuple[int, str | None], base: int,
-             labels: dict[str, Label], verdict: Label, policy: Label, end: Label, *,
-             main: bool) -> None:
-        """The action of the rule in r7 (its slot is base + r7)."""
+    def _plan(self, chain: Chain, seg: Segment, key: tuple, ctl: tuple,
+              kinds: list[tuple[int, str | None]], ids: dict[str, int],
+              fl: Flavour) -> SegmentPlan:
+        """The maps of a segment (groups and control map) and its plan for later updates."""
+        base = self._slot[(chain.name, seg.start + 1)]
+        n = seg.end - seg.start
+        cap, step = n + spare(n), spacing(n)
+        sm = group_maps(key, seg.groups, step)
+        self.maps.update(sm.specs)
+        self.map_data.update(sm.data)
+        words = [initial_value(g.min_value(), step) for g in seg.groups]
+        words += [action_word(k | (ids[c] << 8 if c else 0), base + i)
+                  for i, (k, c) in enumerate(seg.actions)]
+        value = b"".join(w.to_bytes(VALUE_SIZE, "little") for w in words)
+        size = VALUE_SIZE * (len(seg.groups) + cap)
+        self.maps[ctl] = MapSpec(MapType.ARRAY, 4, size, 1, name="bpfilter_ctl")
+        self.map_data[ctl] = [(bytes(4), value.ljust(size, b"\0"))]
+        plan = self.plans[ctl] = segment_plan(chain.name, (seg.variant,), seg.start, seg.end,
+                                              key, ctl, seg.groups, kinds, ids, step, cap, base,
+                                              fl.static_fields())
+        return plan
+
+    def _act(self, a: Assembler, action: tuple[int, str | None], labels: dict[str, Label],
+             verdict: Label, policy: Label, end: Label, *, main: bool) -> None:
+        """The action of the rule whose action word is in r7 (its counter slot above bit 32)."""
         kind, chain = action
         if kind in (ACT_ACCEPT, ACT_DROP):
-            _decide_reg(a, base)
+            _decide_slot(a)
             _finish(a, Verdict.ACCEPT if kind == ACT_ACCEPT else Verdict.DROP, verdict, main)
         elif kind == ACT_RETURN:
             if main:
@@ -612,29 +626,33 @@ def rule_text(chain: str, n: int, rule: Rule) -> str:
     return f"rule {chain} #{n}"
 
 
-def _uses(pred: Pred, kind: type) -> bool:
-    if isinstance(pred, kind):
-        return True
-    inner = getattr(pred, "preds", None)
-    if inner is not None:
-        return any(_uses(p, kind) for p in inner)
-    sub = getattr(pred, "pred", None)
-    return sub is not None and _uses(sub, kind)
-
-
 def _count(a: Assembler, slot: int) -> None:
     """counters[slot].packets += 1, .bytes += the datagram's length (per CPU)."""
-    skip = a.label("nocount")
-    a.emit(I.st(I.W, I.R10, L.KEY_OFF, slot))
-    a.emit(I.mov64(I.R2, I.R10), I.alu64(AluOp.ADD, I.R2, L.KEY_OFF, reg=False))
-    a.ld_map(I.R1, COUNTERS)
-    a.emit(I.call_helper(Helper.map_lookup_elem))
-    a.jump(JmpOp.JEQ, I.R0, 0, skip)
-    a.emit(I.ldx(I.DW, I.R1, I.R0, 0), I.alu64(AluOp.ADD, I.R1, 1, reg=False),
-           I.stx(I.DW, I.R0, I.R1, 0))
-    a.emit(I.ldx(I.H, I.R1, L.R_PKT, L.IPLEN), I.ldx(I.DW, I.R2, I.R0, 8),
-           I.alu64(AluOp.ADD, I.R2, I.R1, reg=True), I.stx(I.DW, I.R0, I.R2, 8))
-    a.place(skip)
+    a.emit(I.st(I.W, L.R_PKT, L.SLOTKEY, slot))
+    _bump_counter(a)
+
+
+def _pred_info(pred: Pred) -> tuple[set[Field], bool, bool]:
+    """Fields `pred` reads, whether it scans TCP options, whether it has rate limits."""
+    fields: set[Field] = set()
+    opts = limits = False
+    todo = [pred]
+    while todo:
+        p = todo.pop()
+        t = type(p)
+        if t is AllOf or t is AnyOf:
+            todo.extend(p.preds)
+        elif t is Not:
+            todo.append(p.pred)
+        elif t is TcpOption:
+            opts = True
+        elif t is RateLimit:
+            limits = True
+        elif t is Cmp or t is Range:
+            fields.add(p.field)
+        else:
+            fields |= fields_of(p)
+    return fields, opts, limits
 
 
 def _key_limits(pred: Pred, rule: tuple) -> Pred:
@@ -657,9 +675,14 @@ def _key_limits(pred: Pred, rule: tuple) -> Pred:
 
 def _count_reg(a: Assembler, reg: int) -> None:
     """Like _count, for the slot held in `reg` (clobbers r1-r5)."""
+    a.emit(I.stx(I.W, L.R_PKT, reg, L.SLOTKEY))
+    _bump_counter(a)
+
+
+def _bump_counter(a: Assembler) -> None:
+    """Bump the counter whose slot is the u32 at SLOTKEY in the packet struct."""
     skip = a.label("nocount")
-    a.emit(I.stx(I.W, I.R10, reg, L.KEY_OFF))
-    a.emit(I.mov64(I.R2, I.R10), I.alu64(AluOp.ADD, I.R2, L.KEY_OFF, reg=False))
+    a.emit(I.mov64(I.R2, L.R_PKT), I.alu64(AluOp.ADD, I.R2, L.SLOTKEY, reg=False))
     a.ld_map(I.R1, COUNTERS)
     a.emit(I.call_helper(Helper.map_lookup_elem))
     a.jump(JmpOp.JEQ, I.R0, 0, skip)
@@ -670,9 +693,9 @@ def _count_reg(a: Assembler, reg: int) -> None:
     a.place(skip)
 
 
-def _decide_reg(a: Assembler, base: int) -> None:
-    """Decider = base + r7."""
-    a.emit(I.mov64(I.R1, I.R7), I.alu64(AluOp.ADD, I.R1, base, reg=False))
+def _decide_slot(a: Assembler) -> None:
+    """Decider = the counter slot in the high half of the action word in r7."""
+    a.emit(I.mov64(I.R1, I.R7), I.alu64(AluOp.RSH, I.R1, 32, reg=False))
     a.emit(I.stx(I.W, L.R_PKT, I.R1, L.DECIDER))
 
 
@@ -695,4 +718,5 @@ def _finish(a: Assembler, v: int, verdict: Label, main: bool) -> None:
 
 def compile_table(table: Table, flavour: Flavour) -> CompiledTable:
     """Compile `table` for `flavour`; raises CompileError naming the rule at fault."""
-    return TableCompiler(table, flavour).compile()
+    with paused_gc():  # perf: the collector's passes over a big IR cost a third of a compile
+        return TableCompiler(table, flavour).compile()

@@ -42,6 +42,9 @@ ETHOK = 132  # u8: an Ethernet header precedes the network header (xt_mac's cond
 PCLASS = 130  # u8: the packet class the classifier keys on (see classify.atoms.PacketClass)
 TCPOPTS = 136  # 40 bytes of TCP options
 # 176..191: scratch for the link-layer and extension-header parsers
+# The counter map's key, once parsing is done; kept here rather than on the stack so that
+# user-chain subprograms need no stack of their own (the verifier caps the frames' sum at 512).
+SLOTKEY = 188
 KEYBUF = 192  # 112 bytes: classifier lookup keys (shared by user chains through r9)
 KEYBUF_SIZE = 112
 CT = 304  # 88 bytes: the packet's conntrack entry, filled when rules read it

@@ -214,9 +214,9 @@ def all_of(*preds: Pred) -> Pred:
     for p in preds:
         if isinstance(p, AllOf):
             out.extend(p.preds)
-        elif p == Const(True):
-            continue
-        elif p == Const(False):
+        elif type(p) is Const:
+            if p.value:
+                continue
             # What came before still runs in netfilter (a hotdrop there drops the packet).
             if not out:
                 return p
@@ -232,9 +232,9 @@ def any_of(*preds: Pred) -> Pred:
     for p in preds:
         if isinstance(p, AnyOf):
             out.extend(p.preds)
-        elif p == Const(False):
-            continue
-        elif p == Const(True):
+        elif type(p) is Const:
+            if not p.value:
+                continue
             return p
         else:
             out.append(p)

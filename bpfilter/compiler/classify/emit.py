@@ -1,7 +1,8 @@
 """Code for a classified segment: probe the groups, then act on the first rule found.
 
-    r8  the best value so far (rule index << 1 | hotdrop), 0xffffffff when none
-    r7  the rule index within the segment, once found
+    r8  the best value so far (see plan.py: order << 32 | hotdrop << 31 | id), all ones when
+        none
+    r7  once found: the rule's action word (action code | chain << 8, counter slot << 32)
 Keys are built in the packet struct's key buffer (r9 + KEYBUF), so user-chain subprograms use
 the same space as the main program.
 """
@@ -20,8 +21,9 @@ from ...ir.model import Family
 from .. import layout as L
 from .atoms import PacketClass
 from .groups import Group, mem_bytes
+from .plan import initial_value, spare
 
-NONE = 0xFFFFFFFF
+VALUE_SIZE = 8
 _SIZES = {1: I.B, 2: I.H, 4: I.W}
 
 
@@ -33,18 +35,26 @@ class SegmentMaps:
     data: dict[Hashable, list[tuple[bytes, bytes]]]
 
 
-def group_maps(prefix: tuple, groups: list[Group]) -> SegmentMaps:
-    """Map specs and contents of a segment's groups, keyed `prefix + (i,)`."""
+def group_maps(prefix: tuple, groups: list[Group], step: int) -> SegmentMaps:
+    """Map specs and contents of a segment's groups, keyed `prefix + (i,)`; rule i has order
+    (i + 1) * step and id i. Each map has room for more entries (see plan.spare)."""
     specs: dict[Hashable, MapSpec] = {}
     data: dict[Hashable, list[tuple[bytes, bytes]]] = {}
+    cache: dict[int, bytes] = {}
     for i, g in enumerate(groups):
         key = (*prefix, i)
-        entries = [(k, v.to_bytes(4, "little")) for k, v in g.entries()]
+        entries = []
+        for k, v in g.entries():
+            b = cache.get(v)
+            if b is None:
+                b = cache[v] = initial_value(v, step).to_bytes(VALUE_SIZE, "little")
+            entries.append((k, b))
+        room = len(entries) + spare(len(entries))
         if g.lpm_field is not None:
-            specs[key] = MapSpec(MapType.LPM_TRIE, 4 + g.key_size, 4, max(len(entries), 1),
+            specs[key] = MapSpec(MapType.LPM_TRIE, 4 + g.key_size, VALUE_SIZE, room,
                                  name="bpfilter_lpm")
         else:
-            specs[key] = MapSpec(MapType.HASH, g.key_size, 4, max(len(entries), 1),
+            specs[key] = MapSpec(MapType.HASH, g.key_size, VALUE_SIZE, room,
                                  name="bpfilter_cls")
         data[key] = entries
     return SegmentMaps(specs, data)
@@ -95,15 +105,21 @@ def _copy(a: Assembler, src: int, dst: int, mask: bytes) -> int:
 
 
 def emit_probe(a: Assembler, groups: list[Group], map_key: Callable[[int], Hashable],
-               family: Family) -> None:
-    """Leave the smallest value over all groups in r8 (NONE if no group has the packet)."""
+               ctl_key: Hashable, family: Family) -> None:
+    """Leave the smallest value over all groups in r8 (all ones if no group has the packet).
+
+    Before group i (i > 0) the probe stops when the best value so far is below word i of the
+    control map: the smallest value group i or a later one holds (kept in a map, not in the
+    code, so rules can be added in place)."""
     done = a.label("cls_done")
-    a.emit(I.mov32_imm(I.R8, _s32(NONE)))
+    a.emit(I.mov64_imm(I.R8, -1))
     for i, g in enumerate(groups):
         nxt = a.label("cls_next")
         if i:
             # No later group can hold an earlier rule than what was found.
-            a.jump(JmpOp.JLT, I.R8, _s32(g.min_value()), done, wide=True)
+            a.ld_map_value(I.R1, ctl_key, VALUE_SIZE * i)
+            a.emit(I.ldx(I.DW, I.R1, I.R1, 0))
+            a.jump(JmpOp.JLT, I.R8, I.R1, done, reg=True)
         if g.class_exact and PacketClass.FULL not in g.classes:
             # Only odd packets (fragments, cut headers) have entries here: most skip it.
             a.emit(I.ldx(I.B, I.R1, L.R_PKT, L.PCLASS))
@@ -113,9 +129,9 @@ def emit_probe(a: Assembler, groups: list[Group], map_key: Callable[[int], Hasha
         a.emit(I.mov64(I.R2, L.R_PKT), I.alu64(AluOp.ADD, I.R2, off, reg=False))
         a.emit(I.call_helper(Helper.map_lookup_elem))
         a.jump(JmpOp.JEQ, I.R0, 0, nxt)
-        a.emit(I.ldx(I.W, I.R1, I.R0, 0))
-        a.jump(JmpOp.JGE, I.R1, I.R8, nxt, reg=True, wide=True)
-        a.emit(I.mov32(I.R8, I.R1))
+        a.emit(I.ldx(I.DW, I.R1, I.R0, 0))
+        a.jump(JmpOp.JGE, I.R1, I.R8, nxt, reg=True)
+        a.emit(I.mov64(I.R8, I.R1))
         a.place(nxt)
     a.place(done)
 

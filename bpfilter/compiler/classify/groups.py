@@ -13,16 +13,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ...ir.pred import Field, Order
-from .atoms import KEY_FIELDS, Constraint, Entry, PacketClass
+from ...ir.pred import Field
+from .atoms import KEY_FIELDS, PacketClass, Row, Sig, mem_bytes, sig_fields
 
 CLASS_WIDTH = 1  # the packet class byte ends every key
 ADDR_FIELDS = (Field.SADDR4, Field.DADDR4, Field.SADDR6, Field.DADDR6)
+_ADDR_RANKS = frozenset(KEY_FIELDS.index(f) for f in ADDR_FIELDS)
+_CLASS_BYTE = [bytes((c,)) for c in range(256)]
+_NOCLASS = b"\0"
 
-
-def mem_bytes(f: Field, be: bytes) -> bytes:
-    """A field's big-endian value as the packet struct holds it (host-order fields reversed)."""
-    return be[::-1] if f.order is Order.HOST and f.width > 1 else be
+__all__ = ["Group", "build_groups", "group_key", "mem_bytes"]
 
 
 def _plen(mask: bytes) -> int | None:
@@ -43,6 +43,8 @@ class Group:
     # Packet classes its entries apply to (None: any class).
     classes: set[PacketClass | None] = field(default_factory=set)
     prefixes: dict[tuple[bytes, int, bytes], int] = field(default_factory=dict)  # LPM
+    # Keys (LPM: prefixes) that several rules share: key -> every value, the smallest first.
+    dups: dict = field(default_factory=dict)
 
     @property
     def key_size(self) -> int:
@@ -60,96 +62,119 @@ class Group:
         vals = self.values.values() if self.lpm_field is None else self.prefixes.values()
         return min(vals)
 
-    def fixed_key(self, cons: dict[Field, Constraint], pclass: PacketClass | None) -> bytes:
-        """Key bytes of the fixed fields and the class (masked values, struct byte order)."""
-        out = b""
-        for f, mask in self.fields:
-            c = cons.get(f)
-            out += mem_bytes(f, c.value) if c is not None else bytes(f.width)
-            del mask
-        return out + bytes([pclass if pclass is not None and self.class_exact else 0])
-
     def entries(self) -> list[tuple[bytes, int]]:
         """(key, value) pairs to load: LPM keys carry the u32 prefix length first."""
         if self.lpm_field is None:
-            return sorted(self.values.items())
+            return list(self.values.items())
         return self._lpm_entries()
 
     def _lpm_entries(self) -> list[tuple[bytes, int]]:
         assert self.lpm_field is not None
         width = self.lpm_field.width
         # Best value of each exact (fixed part, prefix) first, then fold in every ancestor.
-        best: dict[tuple[bytes, int, int], int] = {}
-        for (fixed, plen, addr), v in self.prefixes.items():
-            k = (fixed, plen, int.from_bytes(addr, "big"))
-            best[k] = min(best.get(k, v), v)
         by_fixed: dict[bytes, dict[int, dict[int, int]]] = {}
-        for (fixed, plen, a), v in best.items():
-            by_fixed.setdefault(fixed, {}).setdefault(plen, {})[a] = v
+        for (fixed, plen, addr), v in self.prefixes.items():
+            level = by_fixed.setdefault(fixed, {}).setdefault(plen, {})
+            a = int.from_bytes(addr, "big")
+            old = level.get(a)
+            if old is None or v < old:
+                level[a] = v
         out: list[tuple[bytes, int]] = []
         nbits = width * 8
+        full = (1 << nbits) - 1
         for fixed, levels in by_fixed.items():
             lens = sorted(levels)
-            for plen in lens:
+            masks = {p: full & ~((1 << (nbits - p)) - 1) for p in lens}
+            for i, plen in enumerate(lens):
+                shorter = lens[:i]
+                head = (self.fixed_bits + plen).to_bytes(4, "little") + fixed
                 for a, v in levels[plen].items():
                     val = v
-                    for shorter in lens:
-                        if shorter >= plen:
-                            break
-                        anc = a & ~((1 << (nbits - shorter)) - 1) & ((1 << nbits) - 1)
-                        w = levels[shorter].get(anc)
+                    for s in shorter:
+                        w = levels[s].get(a & masks[s])
                         if w is not None and w < val:
                             val = w
-                    key_plen = self.fixed_bits + plen
-                    out.append((key_plen.to_bytes(4, "little") + fixed + a.to_bytes(width, "big"),
-                                val))
+                    out.append((head + a.to_bytes(width, "big"), val))
         return out
 
 
-_ORDER = {f: i for i, f in enumerate(KEY_FIELDS)}
+_GROUP_KEYS: dict[tuple, tuple] = {}
 
 
-def signature(e: Entry) -> tuple:
-    """The mask shape of an entry: entries of one shape share a group."""
-    fm = sorted(((c.field, c.mask) for c in e.constraints if any(c.mask)),
-                key=lambda x: _ORDER[x[0]])
-    return tuple(fm), e.pclass is not None
+def group_key(sig: tuple) -> tuple:
+    """The group a row signature `(sig, class_exact)` ends up in: LPM candidates that differ
+    only in the prefix length of their LPM field share one (what a segment's lookup count is
+    made of)."""
+    hit = _GROUP_KEYS.get(sig)
+    if hit is not None:
+        return hit
+    fields_masks, class_exact = sig
+    j = _lpm_index(fields_masks)
+    key = sig if j is None else (fields_masks[:j] + fields_masks[j + 1:], class_exact,
+                                 fields_masks[j][0])
+    if len(_GROUP_KEYS) > 1 << 12:
+        _GROUP_KEYS.clear()
+    _GROUP_KEYS[sig] = key
+    return key
 
 
-def build_groups(rules: list[list[Entry]]) -> list[Group]:
-    """Groups for a segment's rules (rule i's entries at index i), ordered for probing."""
+def _lpm_index(sig: Sig) -> int | None:
+    """Where the LPM field is in a signature: the first address field with a prefix mask
+    shorter than its width (an exact /32 blocklist stays a hash lookup)."""
+    for j, (rank, mask) in enumerate(sig):
+        if rank in _ADDR_RANKS:
+            p = _plen(mask)
+            if p is not None and p < 8 * len(mask):
+                return j
+    return None
+
+
+@dataclass
+class _Plan:
+    """How rows of one signature land in their group."""
+
+    group: Group
+    lpm_at: int | None  # index of the LPM field in the signature
+    plen: int = 0
+
+
+def build_groups(rules: list[list[Row]]) -> list[Group]:
+    """Groups for a segment's rules (rule i's rows at index i), ordered for probing."""
     plain: dict[tuple, Group] = {}
-    # First pass: gather signatures, to find merge candidates for LPM tries.
-    sigs: dict[tuple, list[tuple[int, Entry]]] = {}
-    for i, entries in enumerate(rules):
-        for e in entries:
-            sigs.setdefault(signature(e), []).append((i, e))
     lpm: dict[tuple, Group] = {}
-    for sig, items in sigs.items():
-        fields_masks, class_exact = sig
-        lpm_field = _lpm_candidate(fields_masks)
-        if lpm_field is not None:
-            rest = tuple((f, m) for f, m in fields_masks if f != lpm_field)
-            gkey = (rest, class_exact, lpm_field)
-            g = lpm.setdefault(gkey, Group(rest, class_exact, lpm_field))
-            plen = _plen(dict(fields_masks)[lpm_field])
-            assert plen is not None
-            for i, e in items:
-                g.classes.add(e.pclass)
-                cons = {c.field: c for c in e.constraints}
-                fixed = g.fixed_key(cons, e.pclass)
-                addr = cons[lpm_field].value
-                v = i << 1 | e.hotdrop
-                k = (fixed, plen, addr)
-                g.prefixes[k] = min(g.prefixes.get(k, v), v)
-            continue
-        g = plain.setdefault(sig, Group(fields_masks, class_exact))
-        for i, e in items:
-            g.classes.add(e.pclass)
-            cons = {c.field: c for c in e.constraints}
-            key = g.fixed_key(cons, e.pclass)
-            v = i << 1 | e.hotdrop
-            g.values[key] = min(g.values.get(key, v), v)
+    plans: dict[tuple, _Plan] = {}
+    for i, rows in enumerate(rules):
+        base = i << 1
+        for sig, vals, classes, hot in rows:
+            exact = classes[0] is not None
+            plan = plans.get((sig, exact))
+            if plan is None:
+                plan = plans[(sig, exact)] = _plan((sig, exact), plain, lpm)
+            g = plan.group
+            g.classes.update(classes)
+            v = base | hot
+            j = plan.lpm_at
+            # Rules come in order and a rule's hotdrop rows last: the first value a key gets
+            # is its smallest; later ones are kept aside for updates that remove a rule.
+            if j is None:
+                head = b"".join(vals)
+                d = g.values
+                if exact:
+                    for c in classes:
+                        k = head + _CLASS_BYTE[c]
+                        if d.setdefault(k, v) != v:
+                            _dup(g, k, d[k], v)
+                else:
+                    k = head + _NOCLASS
+                    if d.setdefault(k, v) != v:
+                        _dup(g, k, d[k], v)
+                continue
+            rest = b"".join(vals[:j] + vals[j + 1:])
+            addr, plen, pd = vals[j], plan.plen, g.prefixes
+            for c in classes:
+                k = (rest + (_CLASS_BYTE[c] if exact else _NOCLASS), plen, addr)
+                if pd.setdefault(k, v) != v:
+                    _dup(g, k, pd[k], v)
     groups = [*plain.values(), *lpm.values()]
     # An LPM trie holding a single prefix length is just a hash map with one more field.
     out = []
@@ -162,18 +187,35 @@ def build_groups(rules: list[list[Entry]]) -> list[Group]:
     return out
 
 
-def _lpm_candidate(fields_masks: tuple) -> Field | None:
-    """The address field to make the LPM dimension: the first with a prefix mask shorter than
-    its width (an exact /32 blocklist stays a hash lookup)."""
-    for f, m in fields_masks:
-        if f in ADDR_FIELDS and _plen(m) is not None and _plen(m) < 8 * f.width:
-            return f
-    return None
+def _dup(g: Group, key: object, first: int, v: int) -> None:
+    vals = g.dups.get(key)
+    if vals is None:
+        g.dups[key] = [first, v]
+    elif vals[-1] != v:
+        vals.append(v)
+
+
+def _plan(key: tuple, plain: dict[tuple, Group], lpm: dict[tuple, Group]) -> _Plan:
+    sig, exact = key
+    j = _lpm_index(sig)
+    if j is None:
+        g = plain.get(key)
+        if g is None:
+            g = plain[key] = Group(sig_fields(sig), exact)
+        return _Plan(g, None)
+    gkey = group_key(key)
+    g = lpm.get(gkey)
+    if g is None:
+        rest = sig[:j] + sig[j + 1:]
+        g = lpm[gkey] = Group(sig_fields(rest), exact, KEY_FIELDS[sig[j][0]])
+    plen = _plen(sig[j][1])
+    assert plen is not None
+    return _Plan(g, j, plen)
 
 
 def _as_hash(g: Group) -> Group:
     assert g.lpm_field is not None
-    (_, plen, _), = {(None, p, None) for _, p, _ in g.prefixes}
+    ((_, plen, _),) = {(None, p, None) for _, p, _ in g.prefixes}
     mask = ((1 << (8 * g.lpm_field.width)) - 1) ^ ((1 << (8 * g.lpm_field.width - plen)) - 1)
     fields = tuple(sorted([*g.fields, (g.lpm_field, mask.to_bytes(g.lpm_field.width, "big"))],
                           key=lambda fm: KEY_FIELDS.index(fm[0])))
@@ -189,4 +231,6 @@ def _as_hash(g: Group) -> Group:
         parts[g.lpm_field] = addr
         key = b"".join(parts[f] for f, _ in fields) + cls
         h.values[key] = min(h.values.get(key, v), v)
+        if (fixed, plen, addr) in g.dups:
+            h.dups[key] = g.dups[(fixed, plen, addr)]
     return h

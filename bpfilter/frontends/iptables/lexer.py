@@ -7,13 +7,16 @@ a comment only at the beginning of a line (the caller skips such lines).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from typing import NamedTuple
+
+_WORD = re.compile(r"[^ \t\r\n]+")
 
 
-@dataclass(frozen=True)
-class Token:
+class Token(NamedTuple):
     """One argument and the (1-based) column where it starts in its line."""
 
+    # A named tuple rather than a frozen dataclass: a 100,000-rule file makes a million.
     text: str
     column: int
 
@@ -28,6 +31,8 @@ class LexError(ValueError):
 
 def tokenize(line: str, offset: int = 0) -> list[Token]:
     """The arguments of `line`; `offset` is added to columns (for a stripped prefix)."""
+    if '"' not in line:  # the common case: no quoting, arguments are runs of non-blanks
+        return [Token(m.group(), offset + m.start() + 1) for m in _WORD.finditer(line)]
     tokens: list[Token] = []
     buf: list[str] = []
     start: int | None = None

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import gc
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from ...ir.model import (
     BUILTIN_CHAINS,
@@ -39,9 +40,11 @@ _COUNTERS = re.compile(r"\[(\d+):(\d+)\]")
 POLICIES = ("ACCEPT", "DROP")
 
 
-def parse(text: str, *, family: Family, filename: str = "<stdin>") -> Ruleset:
-    """Parse a whole iptables-restore file; raise ParseError on the first problem."""
-    p = _FileParser(family, filename)
+def parse(text: str, *, family: Family, filename: str = "<stdin>",
+          sets: Mapping[str, Any] | None = None) -> Ruleset:
+    """Parse a whole iptables-restore file; raise ParseError on the first problem. `sets`
+    (name -> bpfilter.ir.sets.IpSet) are the named sets rules may reference."""
+    p = _FileParser(family, filename, sets)
     lineno = 0
     # The parse allocates many long-lived objects and no cycles: collecting during it only
     # costs time (half of a 100,000-rule parse).
@@ -59,7 +62,8 @@ def parse(text: str, *, family: Family, filename: str = "<stdin>") -> Ruleset:
 
 def parse_rule_args(args: list[str], *, family: Family, table: str = "filter",
                     chain: str = "INPUT", chains: Iterable[str] = (),
-                    filename: str = "<args>") -> list[Rule]:
+                    filename: str = "<args>", sets: Mapping[str, Any] | None = None
+                    ) -> list[Rule]:
     """The rules one `-A CHAIN ...` line stands for, from the arguments after the chain
     (several when -s/-d hold address lists: for each source, for each destination).
     `chains` names the user chains jumps may go to."""
@@ -72,7 +76,8 @@ def parse_rule_args(args: list[str], *, family: Family, table: str = "filter",
     known.setdefault(chain, False)
     cmd = Command("A", Token("-A", 0), chain)
     try:
-        rp = RuleParser(tokens, family=family, table=table, chains=known, command=cmd)
+        rp = RuleParser(tokens, family=family, table=table, chains=known, command=cmd,
+                        sets={n: s.definition for n, s in (sets or {}).items()})
         rules = rp.parse().rules(chain)
     except RuleError as e:
         tok = e.token if isinstance(e.token, Token) else None
@@ -82,10 +87,12 @@ def parse_rule_args(args: list[str], *, family: Family, table: str = "filter",
 
 
 class _FileParser:
-    def __init__(self, family: Family, filename: str) -> None:
+    def __init__(self, family: Family, filename: str,
+                 sets: Mapping[str, Any] | None = None) -> None:
         self.family = family
         self.file = filename
-        self.ruleset = Ruleset(family, source=filename)
+        self.ruleset = Ruleset(family, source=filename, sets=dict(sets or {}))
+        self.setdefs = {n: s.definition for n, s in self.ruleset.sets.items()}
         self.table: Table | None = None
         self.table_line = 0
         self.lineno = 0
@@ -206,7 +213,8 @@ class _FileParser:
         if not tokens:
             raise RuleError("counters without a command", Token(line.strip(), 1))
         known = {n: c.builtin for n, c in self.table.chains.items()}
-        rp = RuleParser(tokens, family=self.family, table=self.table.name, chains=known)
+        rp = RuleParser(tokens, family=self.family, table=self.table.name, chains=known,
+                        sets=self.setdefs)
         rp.parse()
         if rp.skip:
             return

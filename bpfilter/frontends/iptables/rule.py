@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from ...ir.model import (
     ACCEPT,
@@ -85,8 +86,10 @@ class RuleParser:
     """Parse one line's arguments; `chains` maps the table's chain names to "is built-in"."""
 
     def __init__(self, tokens: list[Token], *, family: Family, table: str,
-                 chains: Mapping[str, bool], command: Command | None = None) -> None:
+                 chains: Mapping[str, bool], command: Command | None = None,
+                 sets: Mapping[str, Any] | None = None) -> None:
         self.tokens = tokens
+        self.sets = sets if sets is not None else {}  # name -> SetDef, for `-m set`
         self.family = family
         self.table = table
         self.chains = chains
@@ -166,26 +169,23 @@ class RuleParser:
             self._ext_option(owner, opt, f"--{spelled}", tok, attached)
 
     def _resolve(self, name: str, tok: Token) -> tuple[Loaded | None, Option | None, str] | None:
-        cands: list[tuple[Loaded | None, Option | None, str]] = []
-        for long in _LONG:
-            if long == "fragments" and self.family is Family.IPV6:
-                continue
-            cands.append((None, None, long))
-        for owner in reversed(self.loaded):
-            for opt in owner.entry.options:
-                for spelling in opt.names:
-                    if spelling.startswith("--"):
-                        cands.append((owner, opt, spelling[2:]))
-        exact = [c for c in cands if c[2] == name]
-        if exact:
-            return exact[0]
-        prefixed = [c for c in cands if c[2].startswith(name)]
-        groups = {(_LONG.get(c[2]) if c[0] is None else (c[0].entry.name, c[1].key))
-                  for c in prefixed}
-        if len(groups) > 1:
-            names = ", ".join(sorted({"--" + c[2] for c in prefixed}))
-            raise RuleError(f'option "--{name}" is ambiguous ({names})', tok)
-        return prefixed[0] if prefixed else None
+        # perf: the answer depends only on the name, the family and the entries loaded so
+        # far, which repeat from line to line; computing it costs a fifth of a rule's parse.
+        entries = tuple(o.entry for o in reversed(self.loaded))
+        key = (name, self.family, tuple(map(id, entries)))
+        hit = _RESOLVED.get(key)
+        if hit is None:
+            if len(_RESOLVED) > 4096:
+                _RESOLVED.clear()
+            hit = _RESOLVED[key] = (*_resolve(name, self.family, entries), entries)
+        kind, pos, opt, spelled, _ = hit
+        if kind == "ambiguous":
+            raise RuleError(spelled, tok)
+        if kind is None:
+            return None
+        if kind == "builtin":
+            return None, None, spelled
+        return self.loaded[len(self.loaded) - 1 - pos], opt, spelled
 
     def _load_proto_match(self, tok: Token) -> bool:
         """iptables loads the match named after `-p` when an option is unknown (once)."""
@@ -365,7 +365,7 @@ class RuleParser:
     def context(self, chain: str) -> Context:
         """The context matches and targets are built in."""
         proto, inverted = self._proto()
-        return Context(self.family, self.table, chain, proto, inverted)
+        return Context(self.family, self.table, chain, proto, inverted, sets=self.sets)
 
     def rules(self, chain: str) -> list[Rule]:
         """The rules this line's rule specification stands for (address lists expanded)."""
@@ -456,6 +456,37 @@ class RuleParser:
             entry = self.target.entry
             if entry.check_hook is not None and (msg := entry.check_hook(target.params, ctx)):
                 raise RuleError(msg, self.target.token)
+
+
+_RESOLVED: dict[tuple, tuple] = {}
+
+
+def _resolve(name: str, family: Family, entries: tuple) -> tuple:
+    """How `--name` resolves given the entries loaded (newest first): ("builtin", None, None,
+    long name), ("ext", position, option, long name), ("ambiguous", None, None, message) or
+    (None, None, None, None)."""
+    cands: list[tuple[int | None, Option | None, str]] = []
+    for long in _LONG:
+        if long == "fragments" and family is Family.IPV6:
+            continue
+        cands.append((None, None, long))
+    for pos, entry in enumerate(entries):
+        for opt in entry.options:
+            for spelling in opt.names:
+                if spelling.startswith("--"):
+                    cands.append((pos, opt, spelling[2:]))
+    exact = [c for c in cands if c[2] == name]
+    prefixed = exact or [c for c in cands if c[2].startswith(name)]
+    if not exact:
+        groups = {(_LONG.get(c[2]) if c[0] is None else (entries[c[0]].name, c[1].key))
+                  for c in prefixed}
+        if len(groups) > 1:
+            names = ", ".join(sorted({"--" + c[2] for c in prefixed}))
+            return "ambiguous", None, None, f'option "--{name}" is ambiguous ({names})'
+    if not prefixed:
+        return None, None, None, None
+    pos, opt, spelled = prefixed[0]
+    return ("builtin" if pos is None else "ext"), pos, opt, spelled
 
 
 def _match_entry(name: str, family: Family | None) -> MatchEntry | None:
