@@ -14,17 +14,14 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 from collections.abc import Iterator
 
 import pytest
-from helpers import topology as topo_mod
-from helpers.kernel import require_kernel
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 from hypothesis.internal.conjecture import engine as hyp_engine
 from oracle.compare import Differential
-from oracle.netfilter import NetfilterOracle
+from oracle.netfilter import NetfilterOracle, oracle_session
 from oracle.packet_strategies import packet_spec
 from oracle.strategies import available_kinds, ruleset_spec
 
@@ -51,16 +48,7 @@ PLACES = [
 @pytest.fixture(scope="module")
 def oracle() -> Iterator[NetfilterOracle]:
     """Netfilter in a fresh sender -> receiver topology, shared by this module's tests."""
-    require_kernel()
-    for tool in ("iptables-legacy-restore", "ip6tables-legacy-restore"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"kernel test: needs {tool} (the oracle is legacy xtables)")
-    topo = topo_mod.create_topology()
-    try:
-        with NetfilterOracle(topo) as o:
-            yield o
-    finally:
-        topo_mod.destroy_topology(topo)
+    yield from oracle_session(())
 
 
 @pytest.mark.parametrize(("family", "table", "chain", "fragments"), PLACES)

@@ -8,16 +8,13 @@ matches the compiler does not have yet are skipped, naming the match.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from helpers import topology as topo_mod
-from helpers.kernel import require_kernel
 from oracle.compare import Differential
 from oracle.frames import IpProto, PacketSpec, icmp_bytes, tcp_bytes, udp_bytes
-from oracle.netfilter import PLACEMENTS, NetfilterOracle
+from oracle.netfilter import PLACEMENTS, NetfilterOracle, oracle_session
 from oracle.rules import spec_from_text
 from oracle.strategies import available_kinds
 
@@ -255,16 +252,7 @@ CASES = [
 @pytest.fixture(scope="module")
 def oracle() -> Iterator[NetfilterOracle]:
     """Netfilter in a fresh sender -> receiver topology, shared by the corpus."""
-    require_kernel()
-    for tool in ("iptables-legacy-restore", "ip6tables-legacy-restore"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"kernel test: needs {tool} (the oracle is legacy xtables)")
-    topo = topo_mod.create_topology()
-    try:
-        with NetfilterOracle(topo) as o:
-            yield o
-    finally:
-        topo_mod.destroy_topology(topo)
+    yield from oracle_session(())
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])

@@ -8,14 +8,11 @@ netfilter on verdict, counters and deciding rule for every packet.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 
 import pytest
-from helpers import topology as topo_mod
-from helpers.kernel import require_kernel
 from oracle.compare import Differential
-from oracle.netfilter import PLACEMENTS, NetfilterOracle
+from oracle.netfilter import PLACEMENTS, NetfilterOracle, oracle_session
 from oracle.rules import spec_from_text
 from oracle.set_cases import CASES, SetCase
 
@@ -25,16 +22,7 @@ pytestmark = pytest.mark.kernel
 @pytest.fixture(scope="module")
 def oracle() -> Iterator[NetfilterOracle]:
     """Netfilter and ipset in a fresh sender -> receiver topology."""
-    require_kernel()
-    for tool in ("iptables-legacy-restore", "ip6tables-legacy-restore", "ipset"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"kernel test: needs {tool} (scripts/setup.sh installs it)")
-    topo = topo_mod.create_topology()
-    try:
-        with NetfilterOracle(topo) as o:
-            yield o
-    finally:
-        topo_mod.destroy_topology(topo)
+    yield from oracle_session(("ipset",))
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])

@@ -31,6 +31,7 @@ import ctypes.util
 import os
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from helpers import topology as topo_mod
@@ -252,3 +253,23 @@ class NetfilterOracle:
         if reached > 1 or passed > 1:
             raise OracleError(f"stray traffic: {reached} arrivals, {passed} passes for one frame")
         return Observation(reached == 1, "ACCEPT" if passed else "DROP", _diff(after, before))
+
+
+def oracle_session(tools: tuple[str, ...] = ()) -> Iterator[NetfilterOracle]:
+    """A NetfilterOracle in a fresh sender -> receiver topology, for a module fixture; skips
+    when the kernel or a tool (legacy xtables, plus `tools`) is missing."""
+    import shutil
+
+    import pytest
+    from helpers.kernel import require_kernel
+
+    require_kernel()
+    for tool in ("iptables-legacy-restore", "ip6tables-legacy-restore", *tools):
+        if shutil.which(tool) is None:
+            pytest.skip(f"kernel test: needs {tool} (scripts/setup.sh installs it)")
+    topo = topo_mod.create_topology()
+    try:
+        with NetfilterOracle(topo) as o:
+            yield o
+    finally:
+        topo_mod.destroy_topology(topo)
