@@ -31,17 +31,19 @@ def _pkt(port: int) -> bytes:
 
 
 def test_burst_then_the_documented_rate():
-    rs = parse(RULES.format(rate="50/second", burst=4), family=Family.IPV4)
+    # A slow rate keeps the test true on a loaded machine: the process may stall for up to a
+    # burst's worth of tokens (400 ms) without changing the count.
+    rs = parse(RULES.format(rate="10/second", burst=4), family=Family.IPV4)
     with Checker(rs) as c:
         assert [c.run(_pkt(1)).verdict for _ in range(6)] == ["ACCEPT"] * 4 + ["DROP"] * 2
         start = time.monotonic()
         accepted = 0
-        while time.monotonic() - start < 0.6:
+        while time.monotonic() - start < 1.0:
             accepted += c.run(_pkt(1)).verdict == "ACCEPT"
-            time.sleep(0.002)
+            time.sleep(0.005)
         elapsed = time.monotonic() - start
-        # One token every 20 ms since the bucket ran dry (give or take one at each end).
-        assert abs(accepted - elapsed * 50) <= 2, (accepted, elapsed)
+        # One token every 100 ms since the bucket ran dry (give or take one at each end).
+        assert abs(accepted - elapsed * 10) <= 2, (accepted, elapsed)
 
 
 def test_each_rule_has_its_own_bucket():

@@ -1,5 +1,5 @@
-"""Rate and state-table matches: limit, hashlimit, recent, statistic, quota, nfacct (parsed
-and printed; the compiler does not lower them yet)."""
+"""Rate and state-table matches: limit, hashlimit, recent (lowered; see statelower.py),
+statistic, quota, nfacct (parsed and printed; the compiler does not lower them yet)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from ..ir.model import Family
 from ..ir.pred import RateLimit
 from .registry import REGISTRY, Context, MatchEntry, MatchError, Option
+from .statelower import lower_hashlimit, lower_recent
 from .util import Opts, arg, bang, exclusive, need, not_lowered, one
 from .values import bare, format_addr, parse_addr, parse_uint, quote
 
@@ -263,7 +264,7 @@ HASHLIMIT = REGISTRY.add_match(MatchEntry(
      _hl("mode"), _hl("name"), _hl("htable-size"), _hl("htable-max"),
      _hl("htable-gcinterval"), _hl("htable-expire"), _hl("srcmask"), _hl("dstmask"),
      _hl("rate-match", nargs=0), _hl("rate-interval")),
-    _build_hashlimit, _save_hashlimit, not_lowered("hashlimit"),
+    _build_hashlimit, _save_hashlimit, lower_hashlimit,
     describe=_describe_hashlimit))
 
 # --- recent ----------------------------------------------------------------------------------
@@ -348,7 +349,7 @@ RECENT = REGISTRY.add_match(MatchEntry(
      Option(("--hitcount",), "hitcount", invert=False), _flag("rttl"),
      Option(("--name",), "name", invert=False), Option(("--mask",), "mask", invert=False),
      _flag("rsource"), _flag("rdest")),
-    _build_recent, _save_recent, not_lowered("recent"), describe=_describe_recent))
+    _build_recent, _save_recent, lower_recent, describe=_describe_recent))
 
 # --- statistic, quota, nfacct ----------------------------------------------------------------
 
