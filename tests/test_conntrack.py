@@ -183,12 +183,3 @@ def test_connections_survive_a_ruleset_replace(protected, bpffs):
     finally:
         server.close()
 
-
-def test_conntrack_is_refused_on_hooks_before_the_stack(tmp_path, bpffs):
-    rules = tmp_path / "s.v4"
-    rules.write_text(RULES.replace(":FORWARD DROP", ":FORWARD ACCEPT"))
-    r = bpfilter("restore", "--test", "--hook", "xdp", "--iface", "x0", str(rules),
-                 bpffs=bpffs, check=False)
-    assert r.returncode == 1 and "s.v4:6" in r.stderr and "connection tracking" in r.stderr
-
-

@@ -169,7 +169,8 @@ class BpfTable:
 class CtRig:
     """A sender and two receivers (netfilter, pybpfilter); see the module docstring."""
 
-    def __init__(self, bpffs_root: str) -> None:
+    def __init__(self, bpffs_root: str, hook: str = "nf") -> None:
+        self.hook = hook  # pybpfilter's hook: nf, or tc/xdp on the receiver's interface
         self.sender = topo_mod.create_netns(unique_name("s"))
         self.namespaces = [self.sender]
         self.receivers: dict[str, Receiver] = {}
@@ -180,8 +181,8 @@ class CtRig:
         try:
             for i, side in enumerate(SIDES):
                 self.receivers[side] = self._receiver(side, i)
-            self.runtime = Runtime("nf", netns_name=self.receivers["pybpfilter"].ns,
-                                   root=bpffs_root)
+            self.runtime = Runtime(hook, netns_name=self.receivers["pybpfilter"].ns,
+                                   iface=None if hook == "nf" else RX_IFNAME, root=bpffs_root)
             self.markers = {fam: build(UDP(sport=MARKER_DPORT, dport=MARKER_DPORT),
                                        MARKER_SRC[fam], RX_ADDRS[fam][0], src_mac=TX_MAC,
                                        dst_mac=RX_MAC) for fam in Family}
@@ -264,6 +265,12 @@ class CtRig:
 
         restore(self.receivers["netfilter"].ns, family, text)
         rs = parse_ruleset(text, family)
+        if self.hook != "nf" and self.family not in (None, family):
+            # tc/XDP see the other family's marker frames before mangle PREROUTING counts them:
+            # that family's last ruleset must not drop them.
+            empty = ("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n"
+                     "COMMIT\n")
+            self.runtime.restore(parse_ruleset(empty, other(self.family)), text=empty)
         if self.bpf_table is not None:
             self.bpf_table.close()
             self.bpf_table = None
@@ -351,6 +358,9 @@ class CtRig:
             raise OracleError(f"{side}: stray traffic: {reached} arrivals, {passed} passes")
         deltas = {k: Counters(v.packets - before[k].packets, v.bytes - before[k].bytes)
                   for k, v in after.items()}
+        if side == "pybpfilter" and self.hook != "nf":
+            # tc/XDP decide before mangle INPUT: the frame reached the chain if it counted.
+            reached = int(any(d.packets for (c, _), d in deltas.items() if c != "OUTPUT"))
         return Seen(reached == 1, "ACCEPT" if passed else "DROP", deltas,
                     self._trace_decider() if side == "pybpfilter" else None)
 

@@ -13,6 +13,7 @@ from ...bpf.insn import AluOp, JmpOp
 from ...ir.model import Family
 from ...ir.pred import CT_FIELDS, Field
 from .. import layout as L
+from . import ctlookup
 from .base import Flavour, HookPoint
 
 ETH_P_IP, ETH_P_IPV6 = 0x0800, 0x86DD
@@ -119,15 +120,15 @@ class EthernetFlavour(Flavour):
         a.emit(I.stx(I.B, L.R_PKT, I.R2, L.PKTTYPE))
 
     def emit_meta(self, a: Assembler, fields: set[Field]) -> None:
-        """MAC and packet type come from the frame (see emit_l3_offset)."""
+        """MAC and packet type come from the frame (see emit_l3_offset); conntrack state from
+        the skb or a lookup (see ctlookup)."""
         if Field.MARK in fields:
             self.emit_mark(a)
+        if fields & CT_FIELDS:
+            ctlookup.emit_ct(a, self, fields)
 
     def unsupported_field(self, f: Field) -> str | None:
-        """Conntrack entries exist only once the stack has seen the packet."""
-        if f in CT_FIELDS:
-            return ("connection tracking is available on hook nf only for now (tc and XDP run "
-                    "before the kernel's conntrack)")
+        """Every field can be read (XDP refuses the mark itself)."""
         return None
 
     def emit_mark(self, a: Assembler) -> None:
