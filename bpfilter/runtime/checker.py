@@ -51,6 +51,9 @@ class Checker:
                  opts: dict | None = None) -> None:
         if table not in rs.tables or chain not in rs.tables[table].chains:
             raise CompileError(f"no chain {chain!r} in table {table!r}")
+        if table == "nat":
+            raise CompileError("table nat cannot be test-run: its programs bind connections in "
+                               "the kernel's conntrack (see README, NAT)")
         self.family = rs.family
         self.hook = hook
         self.chain = chain

@@ -26,6 +26,8 @@ TABLE_CHAINS: tuple[tuple[str, str], ...] = (
     ("mangle", "PREROUTING"), ("mangle", "INPUT"), ("mangle", "FORWARD"), ("mangle", "OUTPUT"),
     ("mangle", "POSTROUTING"), ("raw", "PREROUTING"), ("raw", "OUTPUT"),
     ("security", "INPUT"), ("security", "FORWARD"), ("security", "OUTPUT"),
+    # tc only: the nat table's programs at ingress (PREROUTING tail-calls POSTROUTING).
+    ("nat", "PREROUTING"), ("nat", "POSTROUTING"),
 )
 
 ETH_P_IP, ETH_P_IPV6 = 0x0800, 0x86DD
@@ -79,7 +81,7 @@ def nf_dispatcher(family: Family, table: str, chain: str, accept: int) -> Progra
     return a.assemble()
 
 
-def tc_dispatcher(chain: str, accept: int) -> Program:
+def tc_dispatcher(chain: str, accept: int, table: str = "filter") -> Program:
     """Dispatcher of a tcx hook: the family comes from skb->protocol."""
     a = Assembler()
     with a.origin(Origin(f"dispatch tc {chain}")):
@@ -91,7 +93,7 @@ def tc_dispatcher(chain: str, accept: int) -> Program:
         a.jump(JmpOp.JNE, I.R2, _be16(ETH_P_IPV6), out)
         a.emit(I.mov64_imm(I.R8, 1))
         a.place(v4)
-        _tail(a, None, TABLE_CHAINS.index(("filter", chain)), accept)
+        _tail(a, None, TABLE_CHAINS.index((table, chain)), accept)
         a.place(out)
         a.emit(I.mov64_imm(I.R0, accept), I.exit_())
     return a.assemble()

@@ -26,6 +26,7 @@ class Verdict(IntEnum):
     ACCEPT = 1
     DROP = 2
     REJECT = 4  # the program's REJECT kind number in bits 8 and up (see compiler.reject)
+    NAT = 5  # the program's NAT target number in bits 8 and up (see compiler.nat)
 
 
 @dataclass
@@ -102,6 +103,11 @@ class Flavour(ABC):
         """Turn the packet into the reply of REJECT kind number r7 >> 8 (of `kinds`) and return
         the action that sends it (r6: context, r9: packet struct); False if this hook cannot
         send replies."""
+        return False
+
+    def emit_nat(self, a: Assembler, targets: Sequence) -> bool:
+        """Code reached with the internal verdict in r7: NAT target number r7 >> 8 (of
+        `targets`, (kind, params) pairs) or ACCEPT; False if this hook cannot translate."""
         return False
 
     def for_hook(self, hook: HookPoint) -> Flavour:
