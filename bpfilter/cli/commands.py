@@ -126,12 +126,21 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
         # The same checks as a real restore, then every program through the verifier.
         for ct in compile_ruleset(rs, args.hook, args.iface or "test0"):
+            if ct.table.name == "nat":  # no test runs of NAT: verified as loaded
+                from ..runtime import nat
+
+                nat.verify(ct)
+                continue
             for chain in ct.programs:
                 with Checker(rs, chain=chain, table=ct.table.name, hook=args.hook,
                              iif=args.iface):
                     pass
         return 0
     rt = _runtime(args)
+    if rt.keep_policies(rs):
+        from ..frontends.iptables.saver import save
+
+        text = save(rs)
     rt.restore(rs, text=text, counters=args.counters, original=original)
     return 0
 

@@ -17,7 +17,7 @@ from ..ir.pred import Field
 
 DYNPTR_OFF = -16
 KEY_OFF = -24
-PKT_SIZE = 392
+PKT_SIZE = 416
 PKT_OFF = KEY_OFF - PKT_SIZE  # from r10
 
 # Offsets inside the packet struct.
@@ -51,6 +51,15 @@ CT = 304  # 88 bytes: the packet's conntrack entry, filled when rules read it
 CTSTATE, CTBITS, CTHAS, CTDIR, CTPROTO, CTSTATUS = CT, CT + 2, CT + 4, CT + 5, CT + 6, CT + 8
 CTORIGSRC, CTORIGDST, CTREPLSRC, CTREPLDST = CT + 12, CT + 28, CT + 44, CT + 60
 CTORIGSPORT, CTORIGDPORT, CTREPLSPORT, CTREPLDPORT = CT + 76, CT + 78, CT + 80, CT + 82
+# 392..415: route type, socket owner (nf metadata) and the IPv6 routing header (parser);
+# zeroed by the parser.
+RTDST = 392  # u16: 1 << the RTN_* type xt_addrtype gives the destination (0: unknown)
+OWNSTATE = 394  # u8: 0 no socket, 1 a socket without a file, 2 with a file (UID/GID valid)
+RHSTATE = 395  # u8: routing header 0 absent, 1 read, 2 unreadable (hotdrop), 3 longer than packet
+RHTYPE, RHSEGS, RHLEN, RHRESOK = 396, 397, 398, 399  # u8 each; RHLEN as in the header
+OWNUID = 400  # u32: the socket file's fsuid (8-aligned: scratch for pointers before)
+OWNGID = 404  # u32: its fsgid
+RHRES = 408  # u32: the type 0 header's reserved word (valid when RHRESOK)
 
 L4_BUF = 24  # size of the transport buffer
 TCP_HDR = 20
@@ -92,6 +101,15 @@ def field_offset(field: Field, family: Family) -> int:
         Field.CTORIGDPORT: CTORIGDPORT,
         Field.CTREPLSPORT: CTREPLSPORT,
         Field.CTREPLDPORT: CTREPLDPORT,
+        Field.RTDST: RTDST,
+        Field.OWNSTATE: OWNSTATE,
+        Field.OWNUID: OWNUID,
+        Field.OWNGID: OWNGID,
+        Field.RHSTATE: RHSTATE,
+        Field.RHTYPE: RHTYPE,
+        Field.RHSEGS: RHSEGS,
+        Field.RHLEN: RHLEN,
+        Field.RHRES: RHRES,
     }
     if field in (Field.SADDR4, Field.DADDR4) and not v4:
         raise ValueError(f"{field.name} read in an IPv6 program")

@@ -18,17 +18,19 @@ from .hooks.base import Flavour, store_zero
 SCRATCH = 176
 MAX_EXT_HEADERS = 8
 EXT_OPTS = (0, 43, 60)  # hop-by-hop, routing, destination options: length in 8-byte units
-AH, FRAGMENT, NONE = 51, 44, 59
+AH, FRAGMENT, NONE, ROUTING = 51, 44, 59, 43
 IPV6_EXT = (0, 43, 44, 51, 59, 60)
 
 
 def emit_parse(a: Assembler, fl: Flavour, on_pass: Label, *, tcp_options: bool,
-               packet_class: bool = False) -> None:
-    """Fill the packet struct's header fields; jump to `on_pass` for traffic not ours."""
+               packet_class: bool = False, routing: bool = False) -> None:
+    """Fill the packet struct's header fields; jump to `on_pass` for traffic not ours
+    (`routing`: record the first IPv6 routing header, for -m rt)."""
     a.emit(I.mov64(L.R_PKT, I.R10), I.alu64(AluOp.ADD, L.R_PKT, L.PKT_OFF, reg=False))
     fl.emit_setup(a)
     store_zero(a, L.L4, L.IIFNAME)
     store_zero(a, L.SMAC, L.TCPOPTS)
+    store_zero(a, L.RTDST, L.RTDST + 24)
     if tcp_options:
         store_zero(a, L.TCPOPTS, L.TCPOPTS + 40)
     fl.emit_l3_offset(a, on_pass)
@@ -36,7 +38,7 @@ def emit_parse(a: Assembler, fl: Flavour, on_pass: Label, *, tcp_options: bool,
     if fl.family is Family.IPV4:
         _parse_ipv4(a, fl, on_pass)
     else:
-        _parse_ipv6(a, fl, on_pass)
+        _parse_ipv6(a, fl, on_pass, routing)
     if tcp_options:
         _copy_tcp_options(a, fl)
     if packet_class:
@@ -91,8 +93,11 @@ def _parse_ipv4(a: Assembler, fl: Flavour, on_pass: Label) -> None:
     a.place(no_l4)
 
 
-def _parse_ipv6(a: Assembler, fl: Flavour, on_pass: Label) -> None:
+def _parse_ipv6(a: Assembler, fl: Flavour, on_pass: Label, routing: bool = False) -> None:
     no_l4, err, walked = a.label("no_l4"), a.label("v6err"), a.label("walked")
+    # A header that cannot be read before the routing header is found: ip6t_rt hotdrops
+    # (ipv6_find_hdr's -EBADMSG); a later fragment or the end of the chain is -ENOENT.
+    trunc = a.label("v6trunc") if routing else err
     fl.emit_load(a, I.R7, L.L3, 40)
     a.jump(JmpOp.JNE, I.R0, 0, on_pass)
     a.emit(I.ldx(I.B, I.R1, L.R_PKT, L.L3), I.alu32(AluOp.RSH, I.R1, 4, reg=False))
@@ -111,7 +116,9 @@ def _parse_ipv6(a: Assembler, fl: Flavour, on_pass: Label) -> None:
         a.goto(walked)  # an upper-layer protocol, or no next header (59)
         for lab, unit, extra in ((opts, 3, 1), (ah, 2, 2)):
             a.place(lab)
-            _load_ext(a, fl, 2, err)
+            _load_ext(a, fl, 2, trunc)
+            if routing and lab is opts:
+                _record_routing(a, fl)
             a.emit(I.ldx(I.B, I.R1, L.R_PKT, SCRATCH), I.stx(I.B, L.R_PKT, I.R1, L.L4PROTO))
             a.emit(I.ldx(I.B, I.R2, L.R_PKT, SCRATCH + 1))
             a.emit(I.alu64(AluOp.ADD, I.R2, extra, reg=False))
@@ -119,7 +126,7 @@ def _parse_ipv6(a: Assembler, fl: Flavour, on_pass: Label) -> None:
             a.emit(I.alu64(AluOp.ADD, I.R8, I.R2, reg=True))
             a.goto(nxt)
         a.place(frag)
-        _load_ext(a, fl, 4, err)
+        _load_ext(a, fl, 4, trunc)
         first = a.label("first_frag")
         a.emit(I.ldx(I.H, I.R2, L.R_PKT, SCRATCH + 2), I.endian(I.R2, 16, big=True))
         a.emit(I.alu32(AluOp.AND, I.R2, 0xFFF8, reg=False))
@@ -138,7 +145,12 @@ def _parse_ipv6(a: Assembler, fl: Flavour, on_pass: Label) -> None:
         a.place(nxt)
         # Keep the offset bounded for the verifier (and packets are at most 64 KiB).
         a.jump(JmpOp.JGT, I.R8, 0xFFFF, err)
-    a.goto(err)  # more extension headers than we walk
+    a.goto(trunc)  # more extension headers than we walk
+    if routing:
+        a.place(trunc)
+        a.emit(I.ldx(I.B, I.R1, L.R_PKT, L.RHSTATE))
+        a.jump(JmpOp.JNE, I.R1, 0, err)
+        a.emit(I.st(I.B, L.R_PKT, L.RHSTATE, 2))
     a.place(err)
     a.emit(I.st(I.B, L.R_PKT, L.V6ERR, 1))
     a.goto(no_l4)
@@ -153,6 +165,36 @@ def _load_ext(a: Assembler, fl: Flavour, length: int, err: Label) -> None:
     a.emit(I.ldx(I.W, I.R7, L.R_PKT, L.L3OFF), I.alu64(AluOp.ADD, I.R7, I.R8, reg=True))
     fl.emit_load(a, I.R7, SCRATCH, length)
     a.jump(JmpOp.JNE, I.R0, 0, err)
+
+
+def _record_routing(a: Assembler, fl: Flavour) -> None:
+    """At an extension header (r8: its offset, r7: absolute), keep the first routing header's
+    fields as ip6t_rt reads them: 4 bytes (a hotdrop if unreadable), then the reserved word."""
+    done, bad = a.label("rh_done"), a.label("rh_bad")
+    a.emit(I.ldx(I.B, I.R1, L.R_PKT, L.L4PROTO))
+    a.jump(JmpOp.JNE, I.R1, ROUTING, done)
+    a.emit(I.ldx(I.B, I.R1, L.R_PKT, L.RHSTATE))
+    a.jump(JmpOp.JNE, I.R1, 0, done)
+    fl.emit_load(a, I.R7, SCRATCH + 4, 4)
+    a.jump(JmpOp.JNE, I.R0, 0, bad)
+    a.emit(I.ldx(I.B, I.R1, L.R_PKT, SCRATCH + 5), I.stx(I.B, L.R_PKT, I.R1, L.RHLEN))
+    a.emit(I.ldx(I.B, I.R2, L.R_PKT, SCRATCH + 6), I.stx(I.B, L.R_PKT, I.R2, L.RHTYPE))
+    a.emit(I.ldx(I.B, I.R2, L.R_PKT, SCRATCH + 7), I.stx(I.B, L.R_PKT, I.R2, L.RHSEGS))
+    # The whole header must lie within the datagram (skb->len - ptr < hdrlen: no match).
+    a.emit(I.st(I.B, L.R_PKT, L.RHSTATE, 3))
+    a.emit(I.alu64(AluOp.ADD, I.R1, 1, reg=False), I.alu64(AluOp.LSH, I.R1, 3, reg=False))
+    a.emit(I.alu64(AluOp.ADD, I.R1, I.R8, reg=True))
+    a.emit(I.ldx(I.H, I.R2, L.R_PKT, L.IPLEN))
+    a.jump(JmpOp.JGT, I.R1, I.R2, done, reg=True)
+    a.emit(I.st(I.B, L.R_PKT, L.RHSTATE, 1))
+    a.emit(I.alu64(AluOp.ADD, I.R7, 4, reg=False))
+    fl.emit_load(a, I.R7, L.RHRES, 4)
+    a.jump(JmpOp.JNE, I.R0, 0, done)
+    a.emit(I.st(I.B, L.R_PKT, L.RHRESOK, 1))
+    a.goto(done)
+    a.place(bad)
+    a.emit(I.st(I.B, L.R_PKT, L.RHSTATE, 2))
+    a.place(done)
 
 
 def _load_transport(a: Assembler, fl: Flavour) -> None:

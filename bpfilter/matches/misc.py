@@ -1,5 +1,5 @@
-"""Other matches that parse and print (not compiled yet): owner, physdev, rpfilter, rt, sctp,
-esp, ah, tcpmss, dscp, tos, cpu."""
+"""Other matches: owner (nf hook, see compiler/hooks/route.py) and rt (the IPv6 routing header)
+compile; physdev, rpfilter, sctp, esp, ah, tcpmss, dscp, tos, cpu parse and print only."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import pwd
 from dataclasses import dataclass
 
 from ..ir.model import Family
+from ..ir.pred import Cmp, Const, Field, Pred, Range, RoutingHeader, all_of, any_of, negate
 from .kernel import IpProto
-from .registry import REGISTRY, Context, MatchEntry, MatchError, Option
+from .registry import REGISTRY, Context, MatchEntry, MatchError, Option, Unsupported
 from .tcpudp import PortTest, describe_ports
 from .util import Opts, bang, exclusive, need, not_lowered, one
 from .values import (
@@ -108,10 +109,39 @@ def _check_owner(p: object, ctx: Context) -> str | None:
     return None
 
 
+def _lower_owner(p: tuple[tuple[str, Test], ...], ctx: Context) -> Pred:
+    """xt_owner's decision from the socket's state (none / no file / file) and the file's
+    fsuid and fsgid; --suppl-groups is refused."""
+    if ctx.hook not in ("nf", None):
+        raise Unsupported("owner", f" on hook {ctx.hook}: the socket is read from the skb at "
+                          "netfilter's hooks (use --hook nf)")
+    d = dict(p)
+    if "suppl-groups" in d:
+        raise Unsupported("owner --suppl-groups", ": the supplementary groups of the socket's "
+                          "file credentials are not read")
+    match = {k for k in d}
+    inv = {k for k, t in d.items() if t.invert}
+    diff = match ^ inv  # bits of (info->match ^ info->invert)
+    ids = {"uid-owner", "gid-owner"}
+    no_socket = Const(not diff)
+    socket_neg = "socket-exists" in inv
+    no_file = Const(not socket_neg and not diff & ids)
+    with_file: list[Pred] = [Const(not socket_neg)]
+    for key, f in (("uid-owner", Field.OWNUID), ("gid-owner", Field.OWNGID)):
+        t = d.get(key)
+        if t is not None:
+            lo, hi = t.value  # type: ignore[misc]
+            preds_in = Range(f, lo, hi)
+            with_file.append(negate(preds_in, t.invert))
+    return any_of(all_of(Cmp(Field.OWNSTATE, 0), no_socket),
+                  all_of(Cmp(Field.OWNSTATE, 1), no_file),
+                  all_of(Cmp(Field.OWNSTATE, 2), *with_file))
+
+
 OWNER = REGISTRY.add_match(MatchEntry(
     "owner", (Option(("--uid-owner",), "uid-owner"), Option(("--gid-owner",), "gid-owner"),
               _flag("socket-exists", True), _flag("suppl-groups")),
-    _build_owner, _save_owner, not_lowered("owner"), check_hook=_check_owner,
+    _build_owner, _save_owner, _lower_owner, check_hook=_check_owner,
     describe=_describe_owner))
 
 # --- physdev ---------------------------------------------------------------------------------
@@ -238,11 +268,38 @@ def _describe_rt(p: tuple[tuple[str, Test], ...], ctx: Context, numeric: bool) -
     return out
 
 
+def _lower_rt(p: tuple[tuple[str, Test], ...], ctx: Context) -> Pred:
+    """ip6t_rt: the first routing header's segments left, length and type, then (type 0)
+    its reserved word; the addresses of a type 0 header are not read."""
+    d = dict(p)
+    for key in ("rt-0-addrs", "rt-0-not-strict"):
+        if key in d:
+            raise Unsupported(f"rt --{key}", ": the addresses of a type 0 routing header are "
+                              "not read (the header is deprecated, RFC 5095)")
+    preds: list[Pred] = [RoutingHeader()]
+    seg = d.get("rt-segsleft")
+    if seg is not None:
+        lo, hi = seg.value  # type: ignore[misc]
+        preds.append(negate(Range(Field.RHSEGS, lo, hi), seg.invert))
+    ln = d.get("rt-len")
+    if ln is not None:
+        n = int(ln.value)  # type: ignore[arg-type]
+        # The header's length is (hdrlen + 1) * 8 bytes.
+        ok = n % 8 == 0 and 8 <= n <= 2048
+        preds.append(negate(Cmp(Field.RHLEN, n // 8 - 1) if ok else Const(False), ln.invert))
+    typ = d.get("rt-type")
+    if typ is not None:
+        preds.append(negate(Cmp(Field.RHTYPE, int(typ.value)), typ.invert))  # type: ignore
+    if "rt-0-res" in d:
+        preds.append(RoutingHeader(reserved=True))
+    return all_of(*preds)
+
+
 RT = REGISTRY.add_match(MatchEntry(
     "rt", (Option(("--rt-type",), "rt-type"), Option(("--rt-segsleft",), "rt-segsleft"),
            Option(("--rt-len",), "rt-len"), _flag("rt-0-res"),
            Option(("--rt-0-addrs",), "rt-0-addrs", invert=False), _flag("rt-0-not-strict")),
-    _build_rt, _save_rt, not_lowered("rt"), families=frozenset({Family.IPV6}),
+    _build_rt, _save_rt, _lower_rt, families=frozenset({Family.IPV6}),
     describe=_describe_rt))
 
 # --- sctp ------------------------------------------------------------------------------------

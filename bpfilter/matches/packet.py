@@ -8,11 +8,11 @@ from dataclasses import dataclass
 
 from ..ir.model import Family
 from ..ir.pred import (
-    AddrType,
     Cmp,
     Const,
     EtherHeader,
     Field,
+    Not,
     Pred,
     Range,
     all_of,
@@ -20,7 +20,7 @@ from ..ir.pred import (
     negate,
 )
 from .kernel import PacketType, RouteType
-from .registry import REGISTRY, Context, MatchEntry, MatchError, Option
+from .registry import REGISTRY, Context, MatchEntry, MatchError, Option, Unsupported
 from .util import Opts, bang, exclusive, need, one
 from .values import (
     format_addr,
@@ -386,15 +386,48 @@ def _save_addrtype(p: AddrTypeMatch, ctx: Context) -> list[str]:
     return out
 
 
+_V6_BY_ADDRESS = (1 << RouteType.UNSPEC) | (1 << RouteType.UNICAST) | (1 << RouteType.MULTICAST)
+
+
+def _v6_type(field: Field, mask: int) -> Pred:
+    """IPv6 (match_type6): each of UNSPEC, UNICAST, MULTICAST in the mask is a requirement on
+    the address itself (ipv6_addr_type); the route lookups are not compiled."""
+    if mask & ~_V6_BY_ADDRESS:
+        raise Unsupported("addrtype", ": IPv6 LOCAL, ANYCAST and UNREACHABLE come from a route "
+                          "lookup of the address (nf_ip6_route), which programs cannot do; "
+                          "UNSPEC, UNICAST and MULTICAST are supported")
+    multicast = Cmp(field, b"\xff", b"\xff")
+    preds: list[Pred] = []
+    if mask & (1 << RouteType.MULTICAST):
+        preds.append(multicast)
+    if mask & (1 << RouteType.UNICAST):  # IPV6_ADDR_UNICAST or LOOPBACK: not ::, ::ffff:0:0/96
+        preds += [Not(multicast), Not(Cmp(field, bytes(16))),
+                  Not(Cmp(field, bytes(10) + b"\xff\xff", b"\xff" * 12))]
+    if mask & (1 << RouteType.UNSPEC):
+        preds.append(Cmp(field, bytes(16)))
+    return all_of(*preds)
+
+
 def _lower_addrtype(p: AddrTypeMatch, ctx: Context) -> Pred:
     v4 = ctx.family is Family.IPV4
     preds: list[Pred] = []
     if p.src:
-        f = Field.SADDR4 if v4 else Field.SADDR6
-        preds.append(negate(AddrType(f, p.src, p.dev), p.src_invert))
+        if v4:
+            raise Unsupported("addrtype", ": --src-type needs the kernel's local routing table "
+                              "for the source address, which the packet's route does not tell")
+        preds.append(negate(_v6_type(Field.SADDR6, p.src), p.src_invert))
     if p.dst:
-        f = Field.DADDR4 if v4 else Field.DADDR6
-        preds.append(negate(AddrType(f, p.dst, p.dev), p.dst_invert))
+        if not v4:
+            preds.append(negate(_v6_type(Field.DADDR6, p.dst), p.dst_invert))
+        elif ctx.hook not in ("nf", None):
+            raise Unsupported("addrtype", f" on hook {ctx.hook}: the IPv4 destination type is "
+                              "read from the route netfilter's hooks see (use --hook nf)")
+        elif p.dev:
+            raise Unsupported("addrtype", f": --limit-iface-{p.dev} needs the local table "
+                              "route's device, which the packet's route does not keep")
+        else:
+            # (RTDST & mask) != 0, RTDST being 1 << the route's type.
+            preds.append(negate(Not(Cmp(Field.RTDST, 0, p.dst)), p.dst_invert))
     return all_of(*preds)
 
 

@@ -333,6 +333,8 @@ class _FileParser:
         if policy.text not in POLICIES:
             raise RuleError(f"bad policy '{policy.text}' (ACCEPT or DROP)", policy)
         chain.policy = policy.text
+        # Declared now: a restore keeps the loaded policy of built-in chains it leaves out.
+        chain.origin = chain.origin or Origin(self.file, self.lineno, self.text)
 
     def _cmd_E(self, rp: RuleParser, cmd: Command) -> None:
         assert self.table is not None
