@@ -104,8 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
-    from . import commands
+    from . import commands, rulecmd
 
+    args_in = sys.argv[1:] if argv is None else argv
+    if rulecmd.is_rule_command(args_in):  # iptables-style -A/-I/-D/-R: not a subcommand
+        return rulecmd.main(args_in)
     ap = build_parser()
     args, extra = ap.parse_known_args(argv)
     if extra and getattr(args, "command", None) == "set" and not any(

@@ -21,7 +21,7 @@ import os
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from ..bpf.consts import MapType
 from ..bpf.maps import Map, MapSpec
@@ -68,17 +68,45 @@ class Record:
 
     def encode(self) -> bytes:
         """Compressed JSON."""
-        d = asdict(self)
-        return zlib.compress(json.dumps(d).encode())
+        # perf: by hand, not dataclasses.asdict (which deep-copies every slot tuple), and a
+        # fast compression level: single-rule changes rewrite the record each time.
+        d = {**{k: v for k, v in vars(self).items() if k != "tables"},
+             "tables": {k: {"runs": _runs(v.slots), "chains": v.chains}
+                        for k, v in self.tables.items()}}
+        return zlib.compress(json.dumps(d, separators=(",", ":")).encode(), 1)
 
     @classmethod
     def decode(cls, raw: bytes) -> Record:
         """Inverse of `encode`."""
         d = json.loads(zlib.decompress(raw))
-        tables = {k: TableRecord([(c, r) for c, r in v["slots"]], v.get("chains", []))
+        tables = {k: TableRecord(_slots(v["runs"]) if "runs" in v else
+                                 list(map(tuple, v["slots"])), v.get("chains", []))
                   for k, v in d["tables"].items()}
         return cls(d["family"], d["hook"], d["iface"], d["text"], tables, d.get("source"),
                    d.get("original"), d.get("version", 1))
+
+
+def _runs(slots: list[tuple[str, int | None]]) -> list[list]:
+    """The slot table as [chain, first rule, count] runs of consecutive rules (a rule table
+    of 10,000 slots is a handful of runs: cheap to store on every single-rule change)."""
+    out: list[list] = []
+    last = None
+    for c, r in slots:
+        if last is not None and last[0] == c and (
+                (r is None and last[1] is None)
+                or (r is not None and last[1] is not None and last[1] + last[2] == r)):
+            last[2] += 1
+        else:
+            last = [c, r, 1]
+            out.append(last)
+    return out
+
+
+def _slots(runs: list[list]) -> list[tuple[str, int | None]]:
+    out: list[tuple[str, int | None]] = []
+    for c, r, n in runs:
+        out.extend([(c, r)] * n if r is None else [(c, r + i) for i in range(n)])
+    return out
 
 
 def write_record(rec: Record, name: str) -> Map:

@@ -67,9 +67,10 @@ class GroupPlan:
     lpm_rank: int | None  # LPM: rank of the LPM field (its prefix length varies)
     skips_full: bool  # the code skips the lookup for packets of class FULL
     fixed_bits: int  # LPM: key bits before the LPM field
-    # Keys holding several values (several rules, or LPM prefixes): key -> every value.
+    # Hash: keys holding several values (several rules) -> every stored value, sorted.
     dups: dict = field(default_factory=dict)
-    # LPM: every stored prefix as (fixed part, prefix length, address) -> its own values.
+    # LPM: every prefix as (fixed part, prefix length, address) -> its own stored values,
+    # sorted (the trie holds per prefix the smallest of its own and its ancestors' values).
     raw: dict = field(default_factory=dict)
 
 
@@ -93,14 +94,22 @@ class SegmentPlan:
     static: tuple = ()  # compile-time field values: ((Field, bytes), ...)
 
 
-def group_plan(map_key: tuple, g: Group) -> GroupPlan:
-    """What the runtime needs to know of one group to add or remove its rows."""
+def group_plan(map_key: tuple, g: Group, step: int) -> GroupPlan:
+    """What the runtime needs to know of one group to add or remove its rows (values as
+    stored: see `initial_value`)."""
     sig = tuple((KEY_FIELDS.index(f), m) for f, m in g.fields)
     lpm_rank = None if g.lpm_field is None else KEY_FIELDS.index(g.lpm_field)
     skips = g.class_exact and PacketClass.FULL not in g.classes
-    raw = dict(g.prefixes) if g.lpm_field is not None else {}
-    return GroupPlan(map_key, sig, g.class_exact, lpm_rank, skips,
-                     g.fixed_bits if g.lpm_field is not None else 0, dict(g.dups), raw)
+    enc = {}  # perf: a blocklist repeats few values per key
+
+    def stored(vals: list[int]) -> list[int]:
+        return sorted({enc.get(v) or enc.setdefault(v, initial_value(v, step)) for v in vals})
+
+    if g.lpm_field is None:
+        return GroupPlan(map_key, sig, g.class_exact, None, skips, 0,
+                         {k: stored(vs) for k, vs in g.dups.items()})
+    raw = {k: stored(g.dups.get(k, [v])) for k, v in g.prefixes.items()}
+    return GroupPlan(map_key, sig, g.class_exact, lpm_rank, skips, g.fixed_bits, {}, raw)
 
 
 def segment_plan(chain: str, variant: tuple, start: int, end: int, key: tuple, ctl: tuple,
@@ -111,6 +120,6 @@ def segment_plan(chain: str, variant: tuple, start: int, end: int, key: tuple, c
     counter slot base + i."""
     n = end - start
     return SegmentPlan(chain, variant, start, end, cap, step, ctl,
-                       [group_plan((*key, i), g) for i, g in enumerate(groups)],
+                       [group_plan((*key, i), g, step) for i, g in enumerate(groups)],
                        kinds, ids, [(i + 1) * step for i in range(n)], list(range(n)),
                        [base + i for i in range(n)], tuple(static.items()))
