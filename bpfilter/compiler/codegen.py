@@ -23,6 +23,7 @@ from ..gcpause import paused_gc
 from ..ir.model import ACCEPT, DROP, GOTO, JUMP, RETURN, Chain, ChainRef, Rule, Table
 from ..ir.pred import (
     CT_FIELDS,
+    RH_FIELDS,
     AllOf,
     AnyOf,
     Cmp,
@@ -55,6 +56,7 @@ from .lower import lower_rule, rule_context
 from .parse import emit_parse
 from .predgen import LIMITS_MAP, PredGen, Unsupported
 from .setgen import set_maps
+from .statematch import STATE_MATCHES, StateError, StateTables, state_maps
 from .validate import CompileError, always_decides, call_depth, reachable
 
 COUNTERS, TRACE = "counters", "trace"
@@ -67,6 +69,7 @@ MIN_SEGMENT = 16  # shorter runs of classifiable rules stay linear code (cheaper
 RULES_PER_GROUP = 4  # a segment must hold this many rules per lookup it needs
 MAX_GROUPS = 8  # lookups per segment (a run needing more is split)
 MAX_GROUPS_PER_TABLE = 48  # the kernel allows 64 maps per program
+NAT_TARGETS = ("SNAT", "DNAT", "MASQUERADE", "REDIRECT")
 # Action codes of classified rules (low byte; a chain index above it for jumps and gotos).
 ACT_ACCEPT, ACT_DROP, ACT_RETURN, ACT_JUMP, ACT_GOTO = 1, 2, 3, 4, 5
 
@@ -115,6 +118,10 @@ class CompiledTable:
     # Initial contents of maps that are not zero-filled (classifier tables, action arrays).
     map_data: dict[Hashable, list[tuple[bytes, bytes]]] = field(default_factory=dict)
     uses_conntrack: bool = False  # rules read the packet's conntrack entry
+    # Per classified segment, what an in-place update needs (see classify/plan.py), and per
+    # chain the segment variants it was compiled in (a change must fit every one of them).
+    plans: dict[tuple, SegmentPlan] = field(default_factory=dict)
+    variants: dict[str, list[int]] = field(default_factory=dict)
 
     def create_maps(self, shared: dict[Hashable, Map] | None = None) -> dict[Hashable, Map]:
         """Create every map of the table and load the contents it starts with; maps in
@@ -194,6 +201,7 @@ class TableCompiler:
         self.uses_conntrack = False
         self._limits: dict[tuple, int] = {}  # rate limit key -> its u64 in the limits map
         self._reject_kinds: list = []  # REJECT kinds of the program being compiled (by index)
+        self._nat_targets: list = []  # (kind, params) of its NAT targets (by index)
 
     # -- lowering ------------------------------------------------------------------------
 
@@ -205,6 +213,11 @@ class TableCompiler:
         ctx = rule_context(rule, self.fl.family, self.table.name, chain, self.fl.name,
                            self._contexts)
         pred = lower_rule(rule, ctx)
+        if any(m.kind in STATE_MATCHES for m in rule.matches):
+            try:  # hashlimit/recent tables are configured by the first rule naming them
+                pred = self._state_tables.resolve(pred)
+            except StateError as e:
+                raise CompileError(f"{rule_text(chain, n, rule)}: {e}", rule.origin) from None
         fields, tcp_opts, limits = _pred_info(pred)  # perf: one walk, kept for every program
         if limits:
             pred = _key_limits(pred, (chain, n))
@@ -225,6 +238,12 @@ class TableCompiler:
             return
         if t.kind in LOG_TARGETS:
             return
+        if t.kind in NAT_TARGETS:
+            if self._does_nat:
+                return
+            raise CompileError(f"{rule_text(chain, n, rule)}: target {t.kind} (table nat) needs "
+                               f"--hook tc; {self.fl.name} programs cannot bind NAT",
+                               rule.origin)
         if t.kind == "REJECT":
             if self._sends_replies:
                 return
@@ -233,6 +252,16 @@ class TableCompiler:
                                "(use --hook tc or --hook xdp)", rule.origin)
         raise CompileError(f"{rule_text(chain, n, rule)}: target {t.kind!r} is not supported "
                            f"on hook {self.fl.name}", rule.origin)
+
+    @cached_property
+    def _state_tables(self) -> StateTables:
+        """The hashlimit and recent tables of the table's rules."""
+        return StateTables.scan(self.table, self.fl.family)
+
+    @cached_property
+    def _does_nat(self) -> bool:
+        """Whether the flavour binds NAT (asked once, with no targets)."""
+        return self.fl.emit_nat(Assembler(), [])
 
     @cached_property
     def _sends_replies(self) -> bool:
@@ -261,16 +290,20 @@ class TableCompiler:
             prog = self._program(chain, fl)
             programs[name] = CompiledProgram(name, hook, prog, f"bpf_{name.lower()[:11]}", fl)
         maps: dict[Hashable, MapSpec] = {
-            COUNTERS: MapSpec(MapType.PERCPU_ARRAY, 4, COUNTER_VALUE, max(len(self.slots), 1),
-                              name="bpfilter_cnt"),
+            # Spare slots: rules added in place get their own counter.
+            COUNTERS: MapSpec(MapType.PERCPU_ARRAY, 4, COUNTER_VALUE,
+                              len(self.slots) + spare(len(self.slots)), name="bpfilter_cnt"),
             TRACE: MapSpec(MapType.PERCPU_ARRAY, 4, TRACE_VALUE, 1, name="bpfilter_trace"),
             **self.maps,
         }
         if self._limits:
             maps[LIMITS_MAP] = MapSpec(MapType.ARRAY, 4, 8 * len(self._limits), 1,
                                        name="bpfilter_limit")
+        variants: dict[str, list[int]] = {}
+        for variant, (chain_name, _) in enumerate(self._segments):  # as `segments` numbers them
+            variants.setdefault(chain_name, []).append(variant)
         return CompiledTable(self.table, self.fl, programs, self.slots, maps, self.map_data,
-                             self.uses_conntrack)
+                             self.uses_conntrack, plans=self.plans, variants=variants)
 
     def _program(self, chain: Chain, fl: Flavour) -> Program:
         # Headroom for the verifier's rewrites (inlined map lookups grow the code).
@@ -284,6 +317,7 @@ class TableCompiler:
         tcp_opts = False
         sets_mark = False
         self._reject_kinds = []
+        self._nat_targets = []
         for c in [chain.name, *subs]:
             for n, rule in enumerate(self.table.chains[c].rules, 1):
                 self._check_target(c, n, rule)
@@ -295,11 +329,19 @@ class TableCompiler:
                 if (rule.target is not None and rule.target.kind == "REJECT"
                         and rule.target.params not in self._reject_kinds):
                     self._reject_kinds.append(rule.target.params)
+                if (rule.target is not None and rule.target.kind in NAT_TARGETS
+                        and (rule.target.kind, rule.target.params) not in self._nat_targets):
+                    self._nat_targets.append((rule.target.kind, rule.target.params))
                 pred = self.rule_pred(c, n, rule)
                 fields, uses_opts = self._info[(c, n)]
+                for f in fields:  # per hook point (nf: no route yet in PREROUTING)
+                    why = fl.unsupported_field(f)
+                    if why is not None:
+                        raise CompileError(f"{rule_text(c, n, rule)}: {why}", rule.origin)
                 needed |= fields
                 tcp_opts = tcp_opts or uses_opts
                 self.maps.update(set_maps(pred))
+                self.maps.update(state_maps(pred))
         verdict, passed = a.label("verdict"), a.label("pass")
         for c in [chain.name, *subs]:
             for seg in self.segments(self.table.chains[c], fl).values():
@@ -307,13 +349,19 @@ class TableCompiler:
         classified = any(self.segments(self.table.chains[c], fl) for c in [chain.name, *subs])
         self.uses_conntrack |= bool(needed & CT_FIELDS)
         with a.origin(Origin(f"prologue: parse the packet ({fl.name}, {chain.name})")):
-            emit_parse(a, fl, passed, tcp_options=tcp_opts, packet_class=classified)
+            emit_parse(a, fl, passed, tcp_options=tcp_opts, packet_class=classified,
+                       routing=bool(needed & RH_FIELDS))
             fl.emit_meta(a, needed)
         labels = {c: a.label(f"chain_{c}") for c in subs}
         self._chain_body(a, chain, labels, verdict, fl, main=True)
         reject_at = a.label("reject") if self._reject_kinds else None
         with a.origin(Origin("epilogue: publish the decision, return the verdict")):
-            self._epilogue(a, verdict, passed, fl if sets_mark else None, reject_at)
+            nat_at = a.label("nat") if self._does_nat else None
+            self._epilogue(a, verdict, passed, fl if sets_mark else None, reject_at, nat_at)
+        if nat_at is not None:
+            with a.origin(Origin("NAT: bind the connection's translation")):
+                a.place(nat_at)
+                fl.emit_nat(a, self._nat_targets)
         if reject_at is not None:
             self.maps[reject.REJECT_BUF] = reject.buffer_spec()
             with a.origin(Origin("REJECT: build the reply and send it back")):
@@ -560,6 +608,10 @@ class TableCompiler:
         elif t.kind == "REJECT":
             _decide(a, slot)
             _finish(a, reject.verdict_code(self._reject_kinds.index(t.params)), verdict, main)
+        elif t.kind in NAT_TARGETS:
+            _decide(a, slot)
+            index = self._nat_targets.index((t.kind, t.params))
+            _finish(a, Verdict.NAT | index << 8, verdict, main)
         elif t.kind == RETURN:
             if main:
                 a.goto(policy)
@@ -584,7 +636,8 @@ class TableCompiler:
                 a.place(cont)
 
     def _epilogue(self, a: Assembler, verdict: Label, passed: Label,
-                  mark_fl: Flavour | None, reject_at: Label | None = None) -> None:
+                  mark_fl: Flavour | None, reject_at: Label | None = None,
+                  nat_at: Label | None = None) -> None:
         publish = a.label("publish")
         a.place(passed)
         a.emit(I.st(I.W, L.R_PKT, L.DECIDER, 0), I.mov64_imm(I.R0, PASSED))
@@ -611,6 +664,10 @@ class TableCompiler:
         if reject_at is not None:  # the kind's number is in the bits above the verdict
             a.emit(I.mov64(I.R1, I.R7), I.alu64(AluOp.AND, I.R1, 0xFF, reg=False))
             a.jump(JmpOp.JEQ, I.R1, Verdict.REJECT, reject_at)
+        if nat_at is not None:  # a NAT target, or ACCEPT: the binding code decides
+            a.emit(I.mov64(I.R1, I.R7), I.alu64(AluOp.AND, I.R1, 0xFF, reg=False))
+            a.jump(JmpOp.JEQ, I.R1, Verdict.NAT, nat_at)
+            a.jump(JmpOp.JEQ, I.R7, Verdict.ACCEPT, nat_at)
         a.jump(JmpOp.JNE, I.R7, Verdict.ACCEPT, drop)
         a.emit(I.mov64_imm(I.R0, self.fl.verdict_code(Verdict.ACCEPT)), I.exit_())
         a.place(drop)

@@ -22,6 +22,7 @@ from ..ir.pred import (
     Const,
     EtherHeader,
     Field,
+    HashLimit,
     NonFirstFragment,
     Not,
     Order,
@@ -29,6 +30,8 @@ from ..ir.pred import (
     Proto,
     Range,
     RateLimit,
+    Recent,
+    RoutingHeader,
     SetLookup,
     TcpOption,
     TransportHeader,
@@ -36,15 +39,13 @@ from ..ir.pred import (
 from . import layout as L
 from .layout import R_PKT
 from .setgen import emit_set_lookup
+from .statematch import StateError, emit_hashlimit, emit_recent
 
 _SIZES = {1: I.B, 2: I.H, 4: I.W, 8: I.DW}
 LIMITS_MAP = "limits"
 LIMIT_RETRIES = 4
-_WHY_NOT = {
-    "AddrType": "match 'addrtype' is not supported: address types come from the kernel's "
-                "routing tables, which netfilter programs cannot read and bpf_fib_lookup "
-                "does not tell apart (local, broadcast and multicast look alike)",
-}
+# Why a predicate type cannot be compiled, by type name (addrtype: lowered to RTDST instead).
+_WHY_NOT: dict[str, str] = {}
 
 
 class Unsupported(ValueError):
@@ -107,11 +108,30 @@ class PredGen:
                 a.jump(JmpOp.JEQ, I.R1, 0, fail)
             case SetLookup():
                 emit_set_lookup(a, self.family, pred, fail)
+            case RoutingHeader(reserved=False):
+                a.emit(I.ldx(I.B, I.R1, R_PKT, L.RHSTATE))
+                a.jump(JmpOp.JEQ, I.R1, 2, hotdrop)
+                a.jump(JmpOp.JNE, I.R1, 1, fail)
+            case RoutingHeader(reserved=True):
+                a.emit(I.ldx(I.B, I.R1, R_PKT, L.RHRESOK))
+                a.jump(JmpOp.JEQ, I.R1, 0, hotdrop)
+                a.emit(I.ldx(I.W, I.R1, R_PKT, L.RHRES))
+                a.jump(JmpOp.JNE, I.R1, 0, fail)
+            case HashLimit():
+                self._state(emit_hashlimit, pred, fail, hotdrop)
+            case Recent():
+                self._state(emit_recent, pred, fail, hotdrop)
             case _:
                 why = _WHY_NOT.get(type(pred).__name__)
                 raise Unsupported(why or f"{type(pred).__name__} cannot be compiled here")
 
     # -- helpers -------------------------------------------------------------------------
+
+    def _state(self, emit: Callable, pred: Pred, fail: Label, hotdrop: Label) -> None:
+        try:
+            emit(self.asm, self.family, pred, fail, hotdrop)
+        except StateError as e:
+            raise Unsupported(str(e)) from None
 
     def _static(self, field: Field) -> bytes | None:
         return self.static.get(field)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from .sets import SetDef
+from .state import HashLimit, Recent
 
 
 class Order(Enum):
@@ -62,6 +63,17 @@ class Field(Enum):
     CTORIGDPORT = (32, 2, Order.NET)
     CTREPLSPORT = (33, 2, Order.NET)
     CTREPLDPORT = (34, 2, Order.NET)
+    # Netfilter hooks only: the packet's route and socket (see hooks/nf.py).
+    RTDST = (35, 2, Order.HOST)  # 1 << xt_addrtype's RTN_* type of the destination, 0 unknown
+    OWNSTATE = (36, 1, Order.HOST)  # 0 no socket, 1 socket without a file, 2 with one
+    OWNUID = (37, 4, Order.HOST)  # the socket file's fsuid (xt_owner's uid)
+    OWNGID = (38, 4, Order.HOST)  # its fsgid
+    # The first IPv6 routing header (ip6t_rt's view; filled by the parser when read).
+    RHSTATE = (39, 1, Order.HOST)  # 0 absent, 1 read, 2 unreadable, 3 longer than the packet
+    RHTYPE = (40, 1, Order.HOST)
+    RHSEGS = (41, 1, Order.HOST)  # segments left
+    RHLEN = (42, 1, Order.HOST)  # header length in 8-byte units, not counting the first 8
+    RHRES = (43, 4, Order.HOST)  # type 0: the reserved word (valid when its read succeeded)
 
     def __init__(self, ident: int, width: int, order: Order) -> None:
         # Plain attributes: the classifier reads them millions of times on big rulesets.
@@ -74,6 +86,8 @@ class Field(Enum):
 
 
 CT_FIELDS = frozenset(f for f in Field if f.name.startswith("CT"))
+RH_FIELDS = frozenset(f for f in Field if f.name.startswith("RH"))
+OWNER_FIELDS = frozenset({Field.OWNSTATE, Field.OWNUID, Field.OWNGID})
 
 
 class L4(Enum):
@@ -170,15 +184,12 @@ class EtherHeader:
 
 
 @dataclass(frozen=True)
-class AddrType:
-    """xt_addrtype: the route type of the address in `field` is one of the RTN_* types set in
-    the bit mask `types` (bit n for type n), as the kernel looks it up for the field's family
-    (IPv4: inet_dev_addr_type; IPv6: match_type6's rules); `dev` is "in" or "out" to look up
-    on that device only (--limit-iface-in/out), None for any device."""
+class RoutingHeader:
+    """ip6t_rt's guard: the packet has an IPv6 routing header (false when absent or longer
+    than the packet, a hotdrop when the header chain up to it cannot be read); with
+    `reserved`, its type 0 reserved word is zero (a hotdrop when unreadable)."""
 
-    field: Field
-    types: int
-    dev: str | None = None
+    reserved: bool = False
 
 
 @dataclass(frozen=True)
@@ -205,7 +216,8 @@ class SetLookup:
 
 
 Pred = (Cmp | Range | Not | AnyOf | AllOf | Const | NonFirstFragment | TransportHeader | Proto
-        | TcpOption | EtherHeader | AddrType | RateLimit | SetLookup)
+        | TcpOption | EtherHeader | RateLimit | SetLookup | HashLimit | Recent
+        | RoutingHeader)
 
 
 def all_of(*preds: Pred) -> Pred:
@@ -256,8 +268,10 @@ def negate(pred: Pred, invert: bool = True) -> Pred:
 
 def fields_of(pred: Pred) -> set[Field]:
     """Every field `pred` reads."""
-    if isinstance(pred, Cmp | Range | AddrType):
+    if isinstance(pred, Cmp | Range):
         return {pred.field}
+    if isinstance(pred, RoutingHeader):
+        return {Field.RHSTATE}
     if isinstance(pred, Not):
         return fields_of(pred.pred)
     if isinstance(pred, AnyOf | AllOf):

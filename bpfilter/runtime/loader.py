@@ -20,6 +20,7 @@ from ..bpf.link import Link
 from ..bpf.maps import Map, MapSpec
 from ..bpf.prog import Prog
 from ..bpf.syscall import BpfError
+from ..compiler import nat as natc
 from ..compiler.codegen import COUNTERS, TRACE, CompiledTable, compile_table
 from ..compiler.hooks.base import Flavour, Verdict
 from ..compiler.hooks.nf import NetfilterFlavour
@@ -27,8 +28,9 @@ from ..compiler.hooks.tcxdp import TcFlavour, XdpFlavour
 from ..compiler.logging import LOG_MAP
 from ..compiler.validate import CompileError
 from ..ir.model import Counters, Family, Ruleset
-from . import conntrack, sets
+from . import conntrack, planstore, sets, statetables
 from . import dispatch as D
+from . import nat as natrt
 from .state import (
     Record,
     TableRecord,
@@ -73,12 +75,16 @@ def make_flavour(hook: str, family: Family, iface: str | None, *, egress: bool =
 
 
 def compile_ruleset(rs: Ruleset, hook: str, iface: str | None,
-                    mac: bytes | None = None) -> list[CompiledTable]:
+                    mac: bytes | None = None, nat_env: tuple | None = None) -> list[CompiledTable]:
     """Compile every table of `rs` for `hook`; refuse tables the hook cannot run."""
     out: list[CompiledTable] = []
     fl = make_flavour(hook, rs.family, iface, mac=mac)
     for name, table in rs.tables.items():
         busy = any(c.rules or c.policy not in (None, "ACCEPT") for c in table.chains.values())
+        if name == "nat" and busy:  # see compiler/nat.py
+            out.append(natc.compile_nat(table, rs.family, hook, iface, mac, nat_env,
+                                        natrt.tail_call()))
+            continue
         if name not in SUPPORTED_TABLES or not fl.chains(name):
             if busy:
                 if name == "nat":
@@ -156,11 +162,35 @@ class Runtime:
         mac = None
         if self.iface:
             _, mac = self._iface_info()
-        compiled = compile_ruleset(rs, self.hook, self.iface, mac)
+        nat_env = natrt.environment_for(rs, self.hook, self.netns_name, self.iface)
+        compiled = compile_ruleset(rs, self.hook, self.iface, mac, nat_env)
         ensure_bpffs(self.root)
         os.makedirs(self.dir, exist_ok=True)
         with locked(self.dir):
             return self._restore_locked(rs, compiled, text, counters, original)
+
+    def keep_policies(self, rs: Ruleset) -> list[str]:
+        """Give the built-in chains `rs` leaves undeclared (no `:CHAIN` line, no -P) the policy
+        loaded now, as iptables-restore keeps it; returns the chains changed (table/chain)."""
+        old = self._record(rs.family, None)
+        if old is None:
+            return []
+        loaded: dict[tuple[str, str], str] = {}
+        table = ""
+        for line in old.text.splitlines():
+            if line.startswith("*"):
+                table = line[1:].strip()
+            elif line.startswith(":") and len(line.split()) >= 2:
+                name, policy = line[1:].split()[:2]
+                loaded[(table, name)] = policy
+        changed = []
+        for t in rs.tables.values():
+            for c in t.chains.values():
+                policy = loaded.get((t.name, c.name))
+                if c.builtin and c.origin is None and policy not in (None, "-", c.policy):
+                    c.policy = policy
+                    changed.append(f"{t.name}/{c.name}")
+        return changed
 
     def _restore_locked(self, rs: Ruleset, compiled: list[CompiledTable], text: str,
                         counters: bool, original: str | None) -> Record:
@@ -190,10 +220,17 @@ class Runtime:
                 # Named sets: shared by the family's programs, kept across restores.
                 setsync = sets.SetSync(self.dir, fam, rs.sets)
                 shared.update(setsync.maps)
+                # hashlimit and recent tables: shared by the family's tables, kept by name.
+                statesync = statetables.StateSync(self.dir, fam, compiled)
+                shared.update(statesync.maps)
                 tables: dict[str, TableRecord] = {}
+                plans: dict[str, planstore.TablePlans] = {}
                 for ct in compiled:
                     tname = ct.table.name
                     tmaps = ct.create_maps(shared)
+                    # Classifier maps are pinned so single-rule changes can edit them in place.
+                    pins = planstore.classifier_pins(ct, fam.value, tname)
+                    plans[tname] = planstore.table_plans(ct, pins)
                     for k, m in tmaps.items():
                         if k == LOG_MAP:
                             if LOG_MAP not in shared:
@@ -203,11 +240,15 @@ class Runtime:
                         if k in (COUNTERS, TRACE):
                             maps[pin_name("cnt" if k == COUNTERS else "trace", fam.value,
                                           tname)] = m
+                        elif k in pins:
+                            maps[pins[k]] = m
                         else:
                             extra.append(m)  # classifier tables: held by the programs
                     if counters:
                         _seed_counters(tmaps[COUNTERS], ct)
                     fds = {k: m.fd for k, m in tmaps.items()}
+                    # nat PREROUTING tail-calls POSTROUTING through the dispatchers' maps.
+                    fds.update({D.GEN_MAP: gen_map.fd, D.PROGS_MAP: progs.fd})
                     for chain, cp in ct.programs.items():
                         fl = cp.flavour
                         prog = Prog.load(fl.prog_type, cp.program.resolve(fds), name=cp.name,
@@ -219,6 +260,8 @@ class Runtime:
                                 original)
                 meta = write_record(record, f"bpf_meta{fi}{new}")
                 maps[pin_name("meta", fam.value)] = meta
+                maps[pin_name("plan", fam.value)] = planstore.write_blob(
+                    planstore.encode(plans), f"bpf_plan{fi}{new}")
                 # Fill the new generation: chain programs, and neutral ones where a hook that
                 # stays attached has no chain in the new ruleset.
                 base = new * D.GEN_STRIDE
@@ -229,18 +272,21 @@ class Runtime:
                 for t, c in attached - wanted:
                     progs.update(_u32(base + D.slot_id(fam, t, c)), _u32(neutral.fd))
                 # New hooks: their live slot must hold something before the link exists.
-                for t, c in wanted - attached:
+                for t, c in sorted(wanted - attached, key=D.TABLE_CHAINS.index):
                     slot = _u32(cur * D.GEN_STRIDE + D.slot_id(fam, t, c))
                     if progs.lookup(slot) is None:
                         progs.update(slot, _u32(neutral.fd))
                     self._attach(fam, t, c)
                 if any(ct.uses_conntrack for ct in compiled):
                     conntrack.enable(self.netns_name)
+                if any(ct.table.name == "nat" for ct in compiled):
+                    natrt.enable(self.netns_name)
                 for name, m in maps.items():
                     path = self._path(pin_name(name, str(new)))
                     unlink_quiet(path)
                     m.pin(path)
                 setsync.commit()
+                statesync.commit()
                 # The switch.
                 words = list(words)
                 words[fi] = new
@@ -253,6 +299,7 @@ class Runtime:
                 neutral.close()
             # After the switch: drop the old generation and hooks the new ruleset left.
             setsync.finish()
+            statesync.finish()
             for t, c in D.TABLE_CHAINS:
                 with contextlib.suppress(OSError):
                     progs.delete(_u32(cur * D.GEN_STRIDE + D.slot_id(fam, t, c)))
@@ -270,6 +317,8 @@ class Runtime:
         if self.hook == "nf":
             return pin_name("link", fam.value, table, chain)
         if self.hook == "tc":
+            if table == "nat":
+                return "link_nat"  # PREROUTING's; POSTROUTING is tail-called
             return "link_egress" if chain == "OUTPUT" else "link_ingress"
         return "link_xdp"
 
@@ -296,7 +345,9 @@ class Runtime:
             disp = D.nf_dispatcher(fam, table, chain, accept)
             fl = make_flavour("nf", fam, None)
         elif self.hook == "tc":
-            disp = D.tc_dispatcher(chain, accept)
+            if table == "nat" and chain != "PREROUTING":
+                return
+            disp = D.tc_dispatcher(chain, accept, table)
             fl = make_flavour("tc", fam, self.iface, egress=chain == "OUTPUT")
         else:
             disp = D.xdp_dispatcher(accept)
@@ -414,6 +465,8 @@ class Runtime:
             return False
         if self.hook == "nf":
             conntrack.disable(self.netns_name)
+        if os.path.exists(self._path("link_nat")) and not natrt.used_elsewhere(self.dir):
+            natrt.disable(self.netns_name)
         with locked(self.dir):
             for name in sorted(os.listdir(self.dir)):
                 path = self._path(name)

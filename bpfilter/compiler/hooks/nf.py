@@ -8,16 +8,17 @@ vmlinux BTF.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ...bpf import insn as I
 from ...bpf.asm import Assembler, Label
-from ...bpf.btf import BtfKind, vmlinux
+from ...bpf.btf import vmlinux
 from ...bpf.consts import AttachType, Helper, NfHook, NfVerdict, ProgType
 from ...bpf.insn import AluOp, JmpOp
 from ...ir.model import Family
-from ...ir.pred import CT_FIELDS, Field
+from ...ir.pred import CT_FIELDS, OWNER_FIELDS, Field
 from .. import layout as L
+from . import ctread, route
 from .base import Flavour, HookPoint, Verdict
 
 _CHAINS = {
@@ -31,24 +32,6 @@ _CHAINS = {
 }
 
 PACKET_LOOPBACK = 5
-NFCT_INFOMASK = 7
-IP_CT_IS_REPLY, IP_CT_UNTRACKED = 3, 7
-IPS_SRC_NAT, IPS_DST_NAT = 1 << 4, 1 << 5
-
-
-class CtBit:
-    """xt_conntrack's state bits."""
-
-    INVALID, ESTABLISHED, RELATED, NEW = 1, 2, 4, 8
-    SNAT, DNAT, UNTRACKED = 1 << 6, 1 << 7, 1 << 8
-
-
-def _probe(a: Assembler, dst: int, size: int, off: int) -> None:
-    """r9[dst:dst+size] = kernel memory at r7 + off (zeros if unreadable)."""
-    a.emit(I.mov64(I.R1, L.R_PKT), I.alu64(AluOp.ADD, I.R1, dst, reg=False))
-    a.emit(I.mov64_imm(I.R2, size))
-    a.emit(I.mov64(I.R3, I.R7), I.alu64(AluOp.ADD, I.R3, off, reg=False))
-    a.emit(I.call_helper(Helper.probe_read_kernel))
 ARPHRD_ETHER = 1
 ETH_HLEN = 14
 PACKET_BROADCAST, PACKET_MULTICAST = 1, 2
@@ -61,6 +44,18 @@ class NetfilterFlavour(Flavour):
     name: str = "nf"
     prog_type: ProgType = ProgType.NETFILTER
     attach_type: AttachType | None = AttachType.NETFILTER
+    nf_hook: int | None = None  # set per hook point by for_hook
+
+    def for_hook(self, hook: HookPoint) -> NetfilterFlavour:
+        """The flavour at one netfilter hook (what the packet carries depends on it)."""
+        return replace(self, nf_hook=hook.nf_hook)
+
+    def unsupported_field(self, f: Field) -> str | None:
+        """The route exists from the routing decision on: not in PREROUTING."""
+        if f is Field.RTDST and self.nf_hook == NfHook.PRE_ROUTING:
+            return ("addrtype --dst-type in PREROUTING: the packet has no route yet, and the "
+                    "address type is read from its route (INPUT, FORWARD, OUTPUT, POSTROUTING)")
+        return None
 
     def chains(self, table: str) -> dict[str, HookPoint]:
         """Built-in chains of `table` and their netfilter hooks."""
@@ -125,79 +120,20 @@ class NetfilterFlavour(Flavour):
             self._emit_smac(a)
         if fields & CT_FIELDS:
             self._emit_ct(a, fields)
+        if Field.RTDST in fields:
+            route.emit_dst_type(a, self.family)
+        if fields & OWNER_FIELDS:
+            route.emit_owner(a)
 
     def _emit_ct(self, a: Assembler, fields: set[Field]) -> None:
         """The packet's conntrack entry, as netfilter's conntrack attached it to the skb.
 
-        skb->_nfct holds the nf_conn pointer with the ctinfo in its low 3 bits; the entry is
-        read with bpf_probe_read_kernel (the field is an integer, not a typed pointer).
+        skb->_nfct holds the nf_conn pointer with the ctinfo in its low 3 bits (see ctread).
         """
         btf = vmlinux()
-        done, has = a.label("ct_done"), a.label("ct_has")
         a.emit(I.ldx(I.DW, I.R1, L.R_CTX, btf.member_offset("bpf_nf_ctx", "skb").offset))
         a.emit(I.ldx(I.DW, I.R7, I.R1, btf.member_offset("sk_buff", "_nfct").offset))
-        a.emit(I.mov64(I.R8, I.R7), I.alu64(AluOp.AND, I.R8, NFCT_INFOMASK, reg=False))
-        a.emit(I.alu64(AluOp.AND, I.R7, ~NFCT_INFOMASK, reg=False))
-        a.emit(I.st(I.B, L.R_PKT, L.CTHAS, 0), I.st(I.B, L.R_PKT, L.CTDIR, 0))
-        a.jump(JmpOp.JNE, I.R7, 0, has)
-        # No entry: untracked (ctinfo IP_CT_UNTRACKED) or invalid.
-        a.emit(I.mov64_imm(I.R1, CtBit.INVALID))
-        inval = a.label("ct_invalid")
-        a.jump(JmpOp.JNE, I.R8, IP_CT_UNTRACKED, inval)
-        a.emit(I.mov64_imm(I.R1, CtBit.UNTRACKED))
-        a.place(inval)
-        a.emit(I.stx(I.H, L.R_PKT, I.R1, L.CTSTATE), I.stx(I.H, L.R_PKT, I.R1, L.CTBITS))
-        a.goto(done)
-        a.place(has)
-        a.emit(I.st(I.B, L.R_PKT, L.CTHAS, 1))
-        orig = a.label("ct_orig")
-        a.jump(JmpOp.JLT, I.R8, IP_CT_IS_REPLY, orig)
-        a.emit(I.st(I.B, L.R_PKT, L.CTDIR, 1))
-        a.place(orig)
-        # The state bit: 1 << (ctinfo % IP_CT_IS_REPLY + 1).
-        a.emit(I.mov64(I.R2, I.R8), I.alu64(AluOp.MOD, I.R2, IP_CT_IS_REPLY, reg=False))
-        a.emit(I.alu64(AluOp.ADD, I.R2, 1, reg=False), I.mov64_imm(I.R1, 1))
-        a.emit(I.alu64(AluOp.LSH, I.R1, I.R2, reg=True))
-        a.emit(I.stx(I.H, L.R_PKT, I.R1, L.CTSTATE), I.stx(I.H, L.R_PKT, I.R1, L.CTBITS))
-        conn = "nf_conn"
-        _probe(a, L.CTSTATUS, 4, btf.member_offset(conn, "status").offset)
-        # xt_conntrack adds SNAT/DNAT to the state when the entry is NATed.
-        for status, bit in ((IPS_SRC_NAT, CtBit.SNAT), (IPS_DST_NAT, CtBit.DNAT)):
-            natted, nxt = a.label("ct_nat"), a.label("ct_nat_next")
-            a.emit(I.ldx(I.W, I.R1, L.R_PKT, L.CTSTATUS))
-            a.jump(JmpOp.JSET, I.R1, status, natted)
-            a.goto(nxt)
-            a.place(natted)
-            a.emit(I.ldx(I.H, I.R1, L.R_PKT, L.CTBITS), I.alu32(AluOp.OR, I.R1, bit, reg=False))
-            a.emit(I.stx(I.H, L.R_PKT, I.R1, L.CTBITS))
-            a.place(nxt)
-        tuple_fields = {Field.CTPROTO, Field.CTORIGSRC, Field.CTORIGDST, Field.CTREPLSRC,
-                        Field.CTREPLDST, Field.CTORIGSPORT, Field.CTORIGDPORT,
-                        Field.CTREPLSPORT, Field.CTREPLDPORT}
-        if fields & tuple_fields:
-            th = btf.member_offset(conn, "tuplehash").offset
-            th_size = btf.type_size(btf.find("nf_conntrack_tuple_hash", BtfKind.STRUCT))
-            tup = btf.member_offset("nf_conntrack_tuple_hash", "tuple").offset
-            m = {k: btf.member_offset("nf_conntrack_tuple", k).offset
-                 for k in ("src.u3", "src.u", "dst.u3", "dst.u", "dst.protonum")}
-            size = m["dst.protonum"] + 1
-            for d, (src, dst, sport, dport) in enumerate((
-                    (L.CTORIGSRC, L.CTORIGDST, L.CTORIGSPORT, L.CTORIGDPORT),
-                    (L.CTREPLSRC, L.CTREPLDST, L.CTREPLSPORT, L.CTREPLDPORT))):
-                _probe(a, L.KEYBUF, size, th + d * th_size + tup)
-                for o in range(0, 16, 4):
-                    a.emit(I.ldx(I.W, I.R1, L.R_PKT, L.KEYBUF + m["src.u3"] + o),
-                           I.stx(I.W, L.R_PKT, I.R1, src + o))
-                    a.emit(I.ldx(I.W, I.R1, L.R_PKT, L.KEYBUF + m["dst.u3"] + o),
-                           I.stx(I.W, L.R_PKT, I.R1, dst + o))
-                a.emit(I.ldx(I.H, I.R1, L.R_PKT, L.KEYBUF + m["src.u"]),
-                       I.stx(I.H, L.R_PKT, I.R1, sport))
-                a.emit(I.ldx(I.H, I.R1, L.R_PKT, L.KEYBUF + m["dst.u"]),
-                       I.stx(I.H, L.R_PKT, I.R1, dport))
-                if d == 0:
-                    a.emit(I.ldx(I.B, I.R1, L.R_PKT, L.KEYBUF + m["dst.protonum"]),
-                           I.stx(I.B, L.R_PKT, I.R1, L.CTPROTO))
-        a.place(done)
+        ctread.emit_from_nfct(a, fields)
 
     def _emit_smac(self, a: Assembler) -> None:
         """The source MAC, when the skb's device is Ethernet and its MAC header lies before the
