@@ -11,36 +11,27 @@ to the packet struct, and the epilogue publishes it with the verdict in the per-
 from __future__ import annotations
 
 from collections.abc import Hashable
-from dataclasses import dataclass, field
 from functools import cached_property
 
 from ..bpf import insn as I
 from ..bpf.asm import Assembler, Label, Origin, Program
 from ..bpf.consts import Helper, MapType
 from ..bpf.insn import AluOp, JmpOp
-from ..bpf.maps import Map, MapSpec
+from ..bpf.maps import MapSpec
 from ..gcpause import paused_gc
 from ..ir.model import ACCEPT, DROP, GOTO, JUMP, RETURN, Chain, ChainRef, Rule, Table
 from ..ir.pred import (
     CT_FIELDS,
     RH_FIELDS,
-    AllOf,
-    AnyOf,
-    Cmp,
     Field,
-    Not,
     Pred,
-    Range,
-    RateLimit,
-    TcpOption,
-    fields_of,
 )
 from ..matches import Context
 from . import layout as L
 from . import reject
 from .classify.atoms import NotClassifiable, fold_static, rule_rows
 from .classify.emit import VALUE_SIZE, emit_probe, group_maps
-from .classify.groups import Group, build_groups, group_key
+from .classify.groups import build_groups, group_key
 from .classify.plan import (
     ID_MASK,
     SegmentPlan,
@@ -50,19 +41,32 @@ from .classify.plan import (
     spacing,
     spare,
 )
-from .hooks.base import Flavour, HookPoint, Verdict
+from .compiled import (
+    ACT_ACCEPT,
+    ACT_DROP,
+    ACT_GOTO,
+    ACT_JUMP,
+    ACT_RETURN,
+    COUNTER_VALUE,
+    COUNTERS,
+    PASSED,
+    TRACE,
+    TRACE_VALUE,
+    CompiledProgram,
+    CompiledTable,
+    Segment,
+    assign_slots,
+)
+from .counting import count, count_reg, decide, decide_slot, finish, s32
+from .hooks.base import Flavour, Verdict
 from .logging import LOG_MAP, LOG_TARGETS, emit_log, log_map_spec
-from .lower import lower_rule, rule_context
+from .lower import key_limits, lower_rule, pred_info, rule_context
 from .parse import emit_parse
 from .predgen import LIMITS_MAP, PredGen, Unsupported
 from .setgen import set_maps
 from .statematch import STATE_MATCHES, StateError, StateTables, state_maps
 from .validate import CompileError, always_decides, call_depth, reachable
 
-COUNTERS, TRACE = "counters", "trace"
-COUNTER_VALUE = 16  # {u64 packets, u64 bytes}
-TRACE_VALUE = 8  # {u32 slot, u32 verdict}
-PASSED = 3  # trace verdict: the ruleset did not apply (non-IP, other family)
 MAX_CALL_DEPTH = 7  # the verifier allows 8 frames; the main program is one
 NEAR_BRANCH = 8191  # longest 16-bit branch in generated code; longer ones use gotol
 MIN_SEGMENT = 16  # shorter runs of classifiable rules stay linear code (cheaper)
@@ -70,106 +74,8 @@ RULES_PER_GROUP = 4  # a segment must hold this many rules per lookup it needs
 MAX_GROUPS = 8  # lookups per segment (a run needing more is split)
 MAX_GROUPS_PER_TABLE = 48  # the kernel allows 64 maps per program
 NAT_TARGETS = ("SNAT", "DNAT", "MASQUERADE", "REDIRECT")
-# Action codes of classified rules (low byte; a chain index above it for jumps and gotos).
-ACT_ACCEPT, ACT_DROP, ACT_RETURN, ACT_JUMP, ACT_GOTO = 1, 2, 3, 4, 5
 
 
-@dataclass
-class Segment:
-    """A run of rules [start, end) (0-based) answered by the classifier."""
-
-    start: int
-    end: int
-    groups: list[Group]
-    actions: list[tuple[int, str | None]]  # per rule: (ACT_*, chain for jumps/gotos)
-    fields: set[Field]
-    variant: int = 0  # which set of compile-time field values it was built for
-
-
-@dataclass(frozen=True)
-class Slot:
-    """A counter slot: a rule (1-based `rule`) or a built-in chain's policy (`rule` None)."""
-
-    index: int
-    chain: str
-    rule: int | None
-
-
-@dataclass
-class CompiledProgram:
-    """The program of one built-in chain."""
-
-    chain: str
-    hook: HookPoint
-    program: Program
-    name: str
-    flavour: Flavour
-
-
-@dataclass
-class CompiledTable:
-    """Everything needed to load one table: programs, the maps they use, the slot table."""
-
-    table: Table
-    flavour: Flavour
-    programs: dict[str, CompiledProgram]
-    slots: list[Slot]
-    maps: dict[Hashable, MapSpec] = field(default_factory=dict)
-    # Initial contents of maps that are not zero-filled (classifier tables, action arrays).
-    map_data: dict[Hashable, list[tuple[bytes, bytes]]] = field(default_factory=dict)
-    uses_conntrack: bool = False  # rules read the packet's conntrack entry
-    # Per classified segment, what an in-place update needs (see classify/plan.py), and per
-    # chain the segment variants it was compiled in (a change must fit every one of them).
-    plans: dict[tuple, SegmentPlan] = field(default_factory=dict)
-    variants: dict[str, list[int]] = field(default_factory=dict)
-
-    def create_maps(self, shared: dict[Hashable, Map] | None = None) -> dict[Hashable, Map]:
-        """Create every map of the table and load the contents it starts with; maps in
-        `shared` (e.g. the log ring buffer that outlives rulesets) are used as they are."""
-        made: dict[Hashable, Map] = {}
-        try:
-            for k, spec in self.maps.items():
-                if shared and k in shared:
-                    made[k] = shared[k]
-                    continue
-                m = made[k] = Map.create(spec)
-                data = self.map_data.get(k)
-                if data:
-                    _fill(m, data)
-        except Exception:
-            for k, m in made.items():
-                if not (shared and k in shared):
-                    m.close()
-            raise
-        return made
-
-    def slot_of(self, chain: str, rule: int | None) -> int:
-        """The counter slot of a rule (or of a policy, rule None)."""
-        for s in self.slots:
-            if s.chain == chain and s.rule == rule:
-                return s.index
-        raise KeyError((chain, rule))
-
-
-def _fill(m: Map, data: list[tuple[bytes, bytes]]) -> None:
-    try:
-        for i in range(0, len(data), 4096):
-            m.update_batch(data[i : i + 4096])
-    except OSError:
-        for k, v in data:  # maps without batch support (LPM tries on some kernels)
-            m.update(k, v)
-
-
-def assign_slots(table: Table) -> list[Slot]:
-    """Slot 0 is 'no decision'; then each built-in chain's policy, then every rule."""
-    slots = [Slot(0, "", None)]
-    for c in table.chains.values():
-        if c.builtin:
-            slots.append(Slot(len(slots), c.name, None))
-    for c in table.chains.values():
-        for n in range(1, len(c.rules) + 1):
-            slots.append(Slot(len(slots), c.name, n))
-    return slots
 
 
 def _origin(chain: str, n: int | None, rule: Rule | None) -> Origin:
@@ -218,9 +124,9 @@ class TableCompiler:
                 pred = self._state_tables.resolve(pred)
             except StateError as e:
                 raise CompileError(f"{rule_text(chain, n, rule)}: {e}", rule.origin) from None
-        fields, tcp_opts, limits = _pred_info(pred)  # perf: one walk, kept for every program
+        fields, tcp_opts, limits = pred_info(pred)  # perf: one walk, kept for every program
         if limits:
-            pred = _key_limits(pred, (chain, n))
+            pred = key_limits(pred, (chain, n))
         self._info[key] = (frozenset(fields), tcp_opts)
         for f in fields:
             why = self.fl.unsupported_field(f)
@@ -397,21 +303,21 @@ class TableCompiler:
                 except Unsupported as e:
                     raise CompileError(f"{rule_text(chain.name, n, rule)}: {e}",
                                        rule.origin) from None
-                _count(a, slot)
+                count(a, slot)
                 self._target(a, rule, slot, labels, verdict, policy, main=main)
                 if a.referenced(hotdrop):
                     a.goto(nxt)  # a jump that returned continues; pruned after a verdict
                     a.place(hotdrop)
-                    _decide(a, slot)
-                    _finish(a, Verdict.DROP, verdict, main)
+                    decide(a, slot)
+                    finish(a, Verdict.DROP, verdict, main)
                 a.place(nxt)
         if main:
             pslot = self._slot[(chain.name, None)]
             with a.origin(_origin(chain.name, None, None)):
                 a.place(policy)
-                _count(a, pslot)
-                _decide(a, pslot)
-                _finish(a, Verdict.ACCEPT if chain.policy == ACCEPT else Verdict.DROP, verdict,
+                count(a, pslot)
+                decide(a, pslot)
+                finish(a, Verdict.ACCEPT if chain.policy == ACCEPT else Verdict.DROP, verdict,
                         True)
         else:
             with a.origin(Origin(f"end of user chain {chain.name}: return", chain.name)):
@@ -519,7 +425,7 @@ class TableCompiler:
             a.emit(I.alu64(AluOp.RSH, I.R8, 31, reg=False))
             a.jump(JmpOp.JSET, I.R8, 1, hot)
             a.emit(I.mov64(I.R1, I.R7), I.alu64(AluOp.RSH, I.R1, 32, reg=False))
-            _count_reg(a, I.R1)
+            count_reg(a, I.R1)
             a.emit(I.mov32(I.R2, I.R7), I.alu32(AluOp.AND, I.R2, 0xFF, reg=False))
             for kind, chain_name in kinds:
                 skip = a.label("act")
@@ -531,8 +437,8 @@ class TableCompiler:
                 a.place(skip)
             a.goto(end)  # an action code this segment does not have: cannot happen
             a.place(hot)
-            _decide_slot(a)
-            _finish(a, Verdict.DROP, verdict, main)
+            decide_slot(a)
+            finish(a, Verdict.DROP, verdict, main)
         a.place(end)
 
     def _plan(self, chain: Chain, seg: Segment, key: tuple, ctl: tuple,
@@ -562,8 +468,8 @@ class TableCompiler:
         """The action of the rule whose action word is in r7 (its counter slot above bit 32)."""
         kind, chain = action
         if kind in (ACT_ACCEPT, ACT_DROP):
-            _decide_slot(a)
-            _finish(a, Verdict.ACCEPT if kind == ACT_ACCEPT else Verdict.DROP, verdict, main)
+            decide_slot(a)
+            finish(a, Verdict.ACCEPT if kind == ACT_ACCEPT else Verdict.DROP, verdict, main)
         elif kind == ACT_RETURN:
             if main:
                 a.goto(policy)
@@ -598,20 +504,20 @@ class TableCompiler:
         if t.kind == "MARK":
             # (mark & ~mask) ^ value; later `-m mark` matches read the struct's copy.
             a.emit(I.ldx(I.W, I.R1, L.R_PKT, L.MARK))
-            a.emit(I.alu32(AluOp.AND, I.R1, _s32(~t.params.mask), reg=False))
-            a.emit(I.alu32(AluOp.XOR, I.R1, _s32(t.params.value), reg=False))
+            a.emit(I.alu32(AluOp.AND, I.R1, s32(~t.params.mask), reg=False))
+            a.emit(I.alu32(AluOp.XOR, I.R1, s32(t.params.value), reg=False))
             a.emit(I.stx(I.W, L.R_PKT, I.R1, L.MARK), I.st(I.B, L.R_PKT, L.MARKSET, 1))
             return
         if t.kind in (ACCEPT, DROP):
-            _decide(a, slot)
-            _finish(a, Verdict.ACCEPT if t.kind == ACCEPT else Verdict.DROP, verdict, main)
+            decide(a, slot)
+            finish(a, Verdict.ACCEPT if t.kind == ACCEPT else Verdict.DROP, verdict, main)
         elif t.kind == "REJECT":
-            _decide(a, slot)
-            _finish(a, reject.verdict_code(self._reject_kinds.index(t.params)), verdict, main)
+            decide(a, slot)
+            finish(a, reject.verdict_code(self._reject_kinds.index(t.params)), verdict, main)
         elif t.kind in NAT_TARGETS:
-            _decide(a, slot)
+            decide(a, slot)
             index = self._nat_targets.index((t.kind, t.params))
-            _finish(a, Verdict.NAT | index << 8, verdict, main)
+            finish(a, Verdict.NAT | index << 8, verdict, main)
         elif t.kind == RETURN:
             if main:
                 a.goto(policy)
@@ -681,96 +587,6 @@ def rule_text(chain: str, n: int, rule: Rule) -> str:
     if rule.origin is not None and rule.origin.text:
         return f"rule {chain} #{n} ({rule.origin.text.strip()})"
     return f"rule {chain} #{n}"
-
-
-def _count(a: Assembler, slot: int) -> None:
-    """counters[slot].packets += 1, .bytes += the datagram's length (per CPU)."""
-    a.emit(I.st(I.W, L.R_PKT, L.SLOTKEY, slot))
-    _bump_counter(a)
-
-
-def _pred_info(pred: Pred) -> tuple[set[Field], bool, bool]:
-    """Fields `pred` reads, whether it scans TCP options, whether it has rate limits."""
-    fields: set[Field] = set()
-    opts = limits = False
-    todo = [pred]
-    while todo:
-        p = todo.pop()
-        t = type(p)
-        if t is AllOf or t is AnyOf:
-            todo.extend(p.preds)
-        elif t is Not:
-            todo.append(p.pred)
-        elif t is TcpOption:
-            opts = True
-        elif t is RateLimit:
-            limits = True
-        elif t is Cmp or t is Range:
-            fields.add(p.field)
-        else:
-            fields |= fields_of(p)
-    return fields, opts, limits
-
-
-def _key_limits(pred: Pred, rule: tuple) -> Pred:
-    """Give each rate limit of a rule its own key (rule, position): its bucket."""
-    count = 0
-
-    def walk(p: Pred) -> Pred:
-        nonlocal count
-        if isinstance(p, RateLimit):
-            count += 1
-            return RateLimit(p.interval_ns, p.burst, (*rule, count))
-        if isinstance(p, AllOf | AnyOf):
-            return type(p)(tuple(walk(q) for q in p.preds))
-        if isinstance(p, Not):
-            return Not(walk(p.pred))
-        return p
-
-    return walk(pred)
-
-
-def _count_reg(a: Assembler, reg: int) -> None:
-    """Like _count, for the slot held in `reg` (clobbers r1-r5)."""
-    a.emit(I.stx(I.W, L.R_PKT, reg, L.SLOTKEY))
-    _bump_counter(a)
-
-
-def _bump_counter(a: Assembler) -> None:
-    """Bump the counter whose slot is the u32 at SLOTKEY in the packet struct."""
-    skip = a.label("nocount")
-    a.emit(I.mov64(I.R2, L.R_PKT), I.alu64(AluOp.ADD, I.R2, L.SLOTKEY, reg=False))
-    a.ld_map(I.R1, COUNTERS)
-    a.emit(I.call_helper(Helper.map_lookup_elem))
-    a.jump(JmpOp.JEQ, I.R0, 0, skip)
-    a.emit(I.ldx(I.DW, I.R1, I.R0, 0), I.alu64(AluOp.ADD, I.R1, 1, reg=False),
-           I.stx(I.DW, I.R0, I.R1, 0))
-    a.emit(I.ldx(I.H, I.R1, L.R_PKT, L.IPLEN), I.ldx(I.DW, I.R2, I.R0, 8),
-           I.alu64(AluOp.ADD, I.R2, I.R1, reg=True), I.stx(I.DW, I.R0, I.R2, 8))
-    a.place(skip)
-
-
-def _decide_slot(a: Assembler) -> None:
-    """Decider = the counter slot in the high half of the action word in r7."""
-    a.emit(I.mov64(I.R1, I.R7), I.alu64(AluOp.RSH, I.R1, 32, reg=False))
-    a.emit(I.stx(I.W, L.R_PKT, I.R1, L.DECIDER))
-
-
-def _s32(v: int) -> int:
-    v &= 0xFFFFFFFF
-    return v - (1 << 32) if v >= 1 << 31 else v
-
-
-def _decide(a: Assembler, slot: int) -> None:
-    a.emit(I.st(I.W, L.R_PKT, L.DECIDER, slot))
-
-
-def _finish(a: Assembler, v: int, verdict: Label, main: bool) -> None:
-    a.emit(I.mov64_imm(I.R0, v))
-    if main:
-        a.goto(verdict)
-    else:
-        a.emit(I.exit_())
 
 
 def compile_table(table: Table, flavour: Flavour) -> CompiledTable:

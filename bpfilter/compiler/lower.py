@@ -3,7 +3,19 @@
 from __future__ import annotations
 
 from ..ir.model import Family, Rule
-from ..ir.pred import Pred, all_of
+from ..ir.pred import (
+    AllOf,
+    AnyOf,
+    Cmp,
+    Field,
+    Not,
+    Pred,
+    Range,
+    RateLimit,
+    TcpOption,
+    all_of,
+    fields_of,
+)
 from ..matches import REGISTRY, Context, MatchError
 from ..matches.ip import BUILTIN_ORDER
 from .validate import CompileError
@@ -48,3 +60,44 @@ def lower_rule(rule: Rule, ctx: Context) -> Pred:
         except MatchError as e:
             raise CompileError(f"match {m.kind!r}: {e}", rule.origin) from None
     return all_of(*parts)
+
+
+def pred_info(pred: Pred) -> tuple[set[Field], bool, bool]:
+    """Fields `pred` reads, whether it scans TCP options, whether it has rate limits."""
+    fields: set[Field] = set()
+    opts = limits = False
+    todo = [pred]
+    while todo:
+        p = todo.pop()
+        t = type(p)
+        if t is AllOf or t is AnyOf:
+            todo.extend(p.preds)
+        elif t is Not:
+            todo.append(p.pred)
+        elif t is TcpOption:
+            opts = True
+        elif t is RateLimit:
+            limits = True
+        elif t is Cmp or t is Range:
+            fields.add(p.field)
+        else:
+            fields |= fields_of(p)
+    return fields, opts, limits
+
+
+def key_limits(pred: Pred, rule: tuple) -> Pred:
+    """Give each rate limit of a rule its own key (rule, position): its bucket."""
+    count = 0
+
+    def walk(p: Pred) -> Pred:
+        nonlocal count
+        if isinstance(p, RateLimit):
+            count += 1
+            return RateLimit(p.interval_ns, p.burst, (*rule, count))
+        if isinstance(p, AllOf | AnyOf):
+            return type(p)(tuple(walk(q) for q in p.preds))
+        if isinstance(p, Not):
+            return Not(walk(p.pred))
+        return p
+
+    return walk(pred)

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from ..bpf.consts import NfHook, NfProto
 from ..bpf.maps import possible_cpus
 from ..bpf.prog import Prog
-from ..compiler.codegen import COUNTERS, PASSED, TRACE, CompiledTable, compile_table
+from ..compiler.codegen import compile_table
+from ..compiler.compiled import COUNTERS, PASSED, TRACE, CompiledTable
 from ..compiler.hooks.base import Flavour, Verdict
 from ..compiler.hooks.nf import NetfilterFlavour
 from ..compiler.hooks.tcxdp import TcFlavour, XdpFlavour

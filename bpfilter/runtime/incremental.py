@@ -21,14 +21,8 @@ from dataclasses import dataclass, field
 from ..bpf.maps import Map, possible_cpus
 from ..compiler.classify.atoms import KEY_FIELDS, NotClassifiable, fold_static, rule_rows
 from ..compiler.classify.plan import HOT_BIT, ORDER_SHIFT, SegmentPlan, action_word
-from ..compiler.codegen import (
-    ACT_ACCEPT,
-    ACT_DROP,
-    ACT_GOTO,
-    ACT_JUMP,
-    ACT_RETURN,
-    TableCompiler,
-)
+from ..compiler.codegen import TableCompiler
+from ..compiler.compiled import ACT_ACCEPT, ACT_DROP, ACT_GOTO, ACT_JUMP, ACT_RETURN
 from ..frontends.iptables.lexer import tokenize
 from ..frontends.iptables.parser import parse, parse_rule_args
 from ..frontends.iptables.saver import rule_text

@@ -21,7 +21,8 @@ from ..bpf.maps import Map, MapSpec
 from ..bpf.prog import Prog
 from ..bpf.syscall import BpfError
 from ..compiler import nat as natc
-from ..compiler.codegen import COUNTERS, TRACE, CompiledTable, compile_table
+from ..compiler.codegen import compile_table
+from ..compiler.compiled import COUNTERS, TRACE, CompiledTable
 from ..compiler.hooks.base import Flavour, Verdict
 from ..compiler.hooks.nf import NetfilterFlavour
 from ..compiler.hooks.tcxdp import TcFlavour, XdpFlavour

@@ -20,7 +20,7 @@ from ..bpf.consts import MapType
 from ..bpf.maps import Map, MapSpec
 from ..compiler.classify.atoms import KEY_FIELDS
 from ..compiler.classify.plan import GroupPlan, SegmentPlan
-from ..compiler.codegen import COUNTERS, CompiledTable
+from ..compiler.compiled import COUNTERS, CompiledTable
 from ..ir.pred import Field
 from .state import CHUNK
 

@@ -14,7 +14,7 @@ import os
 from collections.abc import Hashable
 
 from ..bpf.maps import Map, MapSpec
-from ..compiler.codegen import CompiledTable
+from ..compiler.compiled import CompiledTable
 from ..ir.model import Family
 from .state import pin_name, unlink_quiet
 
