@@ -35,8 +35,9 @@ from oracle.ct_strategies import ct_ruleset, scenario
 from oracle.ctcompare import EPHEMERAL, StatefulDifferential
 from oracle.ctflows import Flow, Scenario, Step
 from oracle.ctpeer import Peer
-from oracle.ctrig import DNAT_PORT, LOCALS, NOTRACK_PORT, PEERS, SNAT_TO, TFTP_PORT, CtRig, Seen
+from oracle.ctrig import DNAT_PORT, LOCALS, NOTRACK_PORT, PEERS, SNAT_TO, TFTP_PORT, CtRig
 from oracle.rules import RulesetSpec, spec_from_text
+from oracle.twin import Seen
 
 from bpfilter.bpf.bpffs import mount_bpffs, umount
 from bpfilter.ir.model import Family

@@ -44,10 +44,11 @@ import pytest
 from helpers.kernel import require_kernel
 from oracle.addresses import BROADCASTS, MARKER_SRC, MULTICASTS, RX_ADDRS, SOURCES
 from oracle.compare import Disagreement, _fmt_deltas, _fmt_key
-from oracle.ctrig import RX_MAC, TX_MAC, Seen
+from oracle.ctrig import RX_MAC, TX_MAC
 from oracle.forward import RouterRig
 from oracle.frames import TCP_FLAG_BITS, IpProto, PacketSpec, icmp_bytes, tcp_bytes, udp_bytes
 from oracle.rules import RulesetSpec, spec_from_text
+from oracle.twin import Seen
 
 from bpfilter.bpf.bpffs import mount_bpffs, umount
 from bpfilter.frontends.iptables import ParseError, parse

@@ -17,8 +17,9 @@ from bpfilter.ir.model import Counters
 from .compare import Disagreement, _fmt_deltas, _fmt_key
 from .ctflows import Flow, Scenario, Step
 from .ctpeer import LocalHost, Peer
-from .ctrig import SIDES, CtRig, Seen
+from .ctrig import SIDES, CtRig
 from .rules import RulesetSpec, nf_decider
+from .twin import Seen
 
 Key = tuple[str, int | None]
 EPHEMERAL = 40000  # flows' ports from here on are moved by `relocate`

@@ -22,13 +22,8 @@ handled completely.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import os
 import socket
-import struct
 import subprocess
-import time
 from dataclasses import dataclass, field
 
 from helpers import topology as topo_mod
@@ -37,17 +32,16 @@ from helpers.packets import build
 from scapy.layers.inet import UDP
 
 from bpfilter import netns
-from bpfilter.bpf.maps import Map, possible_cpus
-from bpfilter.ir.model import Counters, Family
+from bpfilter.ir.model import Family
 from bpfilter.runtime import conntrack
-from bpfilter.runtime.loader import Runtime, read_counters
+from bpfilter.runtime.loader import Runtime
 
 from .addresses import MARKER_SRC, RX_ADDRS, RX_IFNAME, RX_NETS
-from .netfilter import MARKER_DPORT, RX_SYSCTLS, OracleError, other, restore
+from .netfilter import MARKER_DPORT, RX_SYSCTLS, other, restore
+from .twin import TwinRig
 from .xtables import XtReader
 
 ETH_P_ALL = 0x0003  # <linux/if_ether.h>: every protocol, for the capture sockets
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 # Both receivers answer to the same MAC on their own segment, and both sender ports use one MAC:
 # a frame is byte for byte the same whichever receiver it is sent to.
@@ -112,16 +106,6 @@ QUIET_SYSCTLS = {
 CT_TIMEOUT_PREFIX = "net.netfilter.nf_conntrack_"
 
 
-@dataclass(frozen=True)
-class Seen:
-    """What one receiver did with one frame."""
-
-    reached: bool
-    verdict: str  # ACCEPT or DROP
-    deltas: dict[tuple[str, int | None], Counters]
-    decider: tuple[str, int | None] | None = None  # pybpfilter's trace (None on netfilter)
-
-
 @dataclass
 class Receiver:
     """One receiver namespace and the sockets that feed and watch it."""
@@ -152,32 +136,16 @@ class Receiver:
                 out.append(data)
 
 
-@dataclass
-class BpfTable:
-    """The counters and trace maps of the filter table pybpfilter has loaded."""
-
-    slots: list[tuple[str, int | None]]
-    cnt: Map
-    trace: Map
-
-    def close(self) -> None:
-        """Close the maps."""
-        self.cnt.close()
-        self.trace.close()
-
-
-class CtRig:
+class CtRig(TwinRig):
     """A sender and two receivers (netfilter, pybpfilter); see the module docstring."""
 
     def __init__(self, bpffs_root: str, hook: str = "nf") -> None:
+        super().__init__()
         self.hook = hook  # pybpfilter's hook: nf, or tc/xdp on the receiver's interface
         self.sender = topo_mod.create_netns(unique_name("s"))
-        self.namespaces = [self.sender]
-        self.receivers: dict[str, Receiver] = {}
-        self.bpf_table: BpfTable | None = None
-        self.family: Family | None = None
+        self.namespaces.append(self.sender)
+        self.receivers: dict[str, Receiver] = self.sides  # type: ignore[assignment]
         self.loaded: tuple[Family, str] | None = None  # what both receivers run
-        self._affinity = os.sched_getaffinity(0)
         try:
             for i, side in enumerate(SIDES):
                 self.receivers[side] = self._receiver(side, i)
@@ -231,32 +199,6 @@ class CtRig:
         topo_mod.wait_running(ns, RX_IFNAME)
         return rx
 
-    def close(self) -> None:
-        """Unload, close and delete everything (also after a failed setup)."""
-        errors: list[BaseException] = []
-        if self.bpf_table is not None:
-            self.bpf_table.close()
-        if hasattr(self, "runtime"):
-            try:
-                self.runtime.flush()
-            except Exception as e:  # go on deleting: the namespaces take the links along
-                errors.append(e)
-        for rx in self.receivers.values():
-            rx.close()
-        for ns in self.namespaces:
-            try:
-                topo_mod.delete_netns(ns)
-            except Exception as e:
-                errors.append(e)
-        if errors:
-            raise errors[0]
-
-    def __enter__(self) -> CtRig:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     # -- rulesets ----------------------------------------------------------------------------
 
     def load(self, text: str, family: Family) -> None:
@@ -271,17 +213,7 @@ class CtRig:
             empty = ("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n"
                      "COMMIT\n")
             self.runtime.restore(parse_ruleset(empty, other(self.family)), text=empty)
-        if self.bpf_table is not None:
-            self.bpf_table.close()
-            self.bpf_table = None
-        self.runtime.restore(rs, text=text)
-        loaded = self.runtime.loaded(family)
-        assert loaded is not None
-        paths = [self.runtime.map_path(family, kind) for kind in ("cnt", "trace")]
-        assert paths[0] and paths[1], "pybpfilter pinned no counters for the filter table"
-        self.bpf_table = BpfTable(loaded.record.tables["filter"].slots,
-                                  Map.open_pinned(paths[0]), Map.open_pinned(paths[1]))
-        self.family = family
+        self.load_bpf(rs, text, family)
         self.loaded = (family, text)
 
     def set_sysctl(self, key: str, value: int) -> None:
@@ -293,11 +225,6 @@ class CtRig:
         """A sysctl's value (the same in both receivers)."""
         return topo_mod.read_sysctl(self.receivers["netfilter"].ns, key)
 
-    def flush_conntrack(self) -> None:
-        """Forget every connection in both receivers."""
-        for rx in self.receivers.values():
-            conntrack.flush(rx.ns)
-
     def conntrack_entries(self, side: str) -> list[str]:
         """The receiver's conntrack table, as `conntrack -L` prints it."""
         ns = self.receivers[side].ns
@@ -305,70 +232,13 @@ class CtRig:
 
     # -- observing ---------------------------------------------------------------------------
 
-    def _counters(self, side: str, fam: Family) -> dict[tuple[str, int | None], Counters]:
-        if side == "netfilter":
-            return self.receivers[side].readers[fam].read("filter").flat()
-        t = self.bpf_table
-        assert t is not None
-        vals = read_counters(t.cnt, len(t.slots))
-        return {(c, r): vals[i] for i, (c, r) in enumerate(t.slots) if i}
-
     def counter_keys(self, side: str) -> set[tuple[str, int | None]]:
         """Every (chain, rule) counter of the loaded filter table; rule None for a policy."""
         assert self.family is not None
-        return set(self._counters(side, self.family))
+        return set(self.counters(side, self.family))
 
-    def _policy(self, rx: Receiver, fam: Family, table: str, chain: str) -> int:
-        return rx.readers[fam].read(table).get(chain, None).packets
-
-    def _markers(self, rx: Receiver, fam: Family) -> int:
-        return rx.readers[fam].read("mangle").get("PREROUTING", 1).packets
-
-    def observe(self, side: str, frame: bytes) -> Seen:
-        """Send one frame to a receiver and report what its filter INPUT chain did with it."""
-        fam = self.family
-        assert fam is not None and self.bpf_table is not None
-        rx = self.receivers[side]
-        mfam = other(fam)
-        before = self._counters(side, fam)
-        reached0 = self._policy(rx, fam, "mangle", "INPUT")
-        passed0 = self._policy(rx, fam, "security", "INPUT")
-        marks0 = self._markers(rx, mfam)
-        if side == "pybpfilter":
-            self.bpf_table.trace.update(b"\0\0\0\0", bytes(8) * possible_cpus())
-        # Frame and marker from one CPU: they share its backlog queue and stay in order.
-        cpu = _libc.sched_getcpu()
-        os.sched_setaffinity(0, {cpu if cpu >= 0 else min(self._affinity)})
-        try:
-            rx.tx.send(frame)
-            rx.tx.send(self.markers[mfam])
-        finally:
-            os.sched_setaffinity(0, self._affinity)
-        deadline = time.monotonic() + 2.0
-        while (marks := self._markers(rx, mfam)) == marks0:
-            if time.monotonic() > deadline:
-                raise OracleError(f"{side}: the marker frame was not counted")
-            time.sleep(0.0002)
-        if marks != marks0 + 1:
-            raise OracleError(f"{side}: {marks - marks0} markers counted for one sent")
-        after = self._counters(side, fam)
-        reached = self._policy(rx, fam, "mangle", "INPUT") - reached0
-        passed = self._policy(rx, fam, "security", "INPUT") - passed0
-        if reached > 1 or passed > 1:
-            raise OracleError(f"{side}: stray traffic: {reached} arrivals, {passed} passes")
-        deltas = {k: Counters(v.packets - before[k].packets, v.bytes - before[k].bytes)
-                  for k, v in after.items()}
+    def _reached(self, side: str, reached: int, deltas: dict) -> int:
         if side == "pybpfilter" and self.hook != "nf":
             # tc/XDP decide before mangle INPUT: the frame reached the chain if it counted.
-            reached = int(any(d.packets for (c, _), d in deltas.items() if c != "OUTPUT"))
-        return Seen(reached == 1, "ACCEPT" if passed else "DROP", deltas,
-                    self._trace_decider() if side == "pybpfilter" else None)
-
-    def _trace_decider(self) -> tuple[str, int | None] | None:
-        t = self.bpf_table
-        assert t is not None
-        for v in t.trace.lookup_percpu(b"\0\0\0\0") or []:
-            slot, verdict = struct.unpack("<II", v)
-            if verdict and slot:
-                return t.slots[slot][0], t.slots[slot][1]
-        return None
+            return int(any(d.packets for (c, _), d in deltas.items() if c != "OUTPUT"))
+        return reached

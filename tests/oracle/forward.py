@@ -21,13 +21,8 @@ everything the routers generate themselves is dropped in mangle OUTPUT (filter O
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import os
 import socket
-import struct
 import subprocess
-import time
 from dataclasses import dataclass, field
 
 from helpers import topology as topo_mod
@@ -36,17 +31,16 @@ from helpers.packets import build
 from scapy.layers.inet import UDP
 
 from bpfilter import netns
-from bpfilter.bpf.maps import Map, possible_cpus
-from bpfilter.ir.model import Counters, Family
+from bpfilter.ir.model import Family
 from bpfilter.runtime import conntrack
-from bpfilter.runtime.loader import Runtime, read_counters
+from bpfilter.runtime.loader import Runtime
 
 from .addresses import MARKER_SRC, RX_ADDRS, RX_IFNAME, RX_NETS
-from .ctrig import RX_MAC, SIDES, TX_MAC, BpfTable, Seen
-from .netfilter import MARKER_DPORT, OracleError, empty_table, other, restore
+from .ctrig import RX_MAC, SIDES, TX_MAC
+from .netfilter import MARKER_DPORT, empty_table, restore
+from .twin import TwinRig
 from .xtables import XtReader
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 # Default routes leave through one of these (whichever no rule names and is not the arrival
 # interface).
 DEFAULT_IFS = ("bfext0", "bfext1")
@@ -96,16 +90,16 @@ class Router:
             r.close()
 
 
-class RouterRig:
+class RouterRig(TwinRig):
     """A sender and two routers (netfilter, pybpfilter); see the module docstring."""
 
+    watched = OBSERVED
+
     def __init__(self, bpffs_root: str) -> None:
+        super().__init__()
         self.sender = topo_mod.create_netns(unique_name("s"))
-        self.namespaces = [self.sender]
-        self.routers: dict[str, Router] = {}
-        self.bpf_table: BpfTable | None = None
-        self.family: Family | None = None
-        self._affinity = os.sched_getaffinity(0)
+        self.namespaces.append(self.sender)
+        self.routers: dict[str, Router] = self.sides  # type: ignore[assignment]
         try:
             for i, side in enumerate(SIDES):
                 self.routers[side] = self._router(side, i)
@@ -147,32 +141,6 @@ class RouterRig:
         topo_mod.wait_running(self.sender, tx_if)
         topo_mod.wait_running(ns, RX_IFNAME)
         return Router(side, ns, tx, readers={fam: XtReader(ns, fam) for fam in Family})
-
-    def close(self) -> None:
-        """Unload, close and delete everything (also after a failed setup)."""
-        errors: list[BaseException] = []
-        if self.bpf_table is not None:
-            self.bpf_table.close()
-        if hasattr(self, "runtime"):
-            try:
-                self.runtime.flush()
-            except Exception as e:  # go on deleting: the namespaces take the links along
-                errors.append(e)
-        for r in self.routers.values():
-            r.close()
-        for ns in self.namespaces:
-            try:
-                topo_mod.delete_netns(ns)
-            except Exception as e:
-                errors.append(e)
-        if errors:
-            raise errors[0]
-
-    def __enter__(self) -> RouterRig:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     # -- interfaces --------------------------------------------------------------------------
 
@@ -219,84 +187,4 @@ class RouterRig:
         # (kube-proxy's files declare none): start from ACCEPT, as pybpfilter does.
         restore(self.routers["netfilter"].ns, family, empty_table("filter"))
         restore(self.routers["netfilter"].ns, family, text)
-        rs = parse_ruleset(text, family)
-        if self.bpf_table is not None:
-            self.bpf_table.close()
-            self.bpf_table = None
-        self.runtime.restore(rs, text=text)
-        loaded = self.runtime.loaded(family)
-        assert loaded is not None
-        paths = [self.runtime.map_path(family, kind) for kind in ("cnt", "trace")]
-        assert paths[0] and paths[1], "pybpfilter pinned no counters for the filter table"
-        self.bpf_table = BpfTable(loaded.record.tables["filter"].slots,
-                                  Map.open_pinned(paths[0]), Map.open_pinned(paths[1]))
-        self.family = family
-
-    def flush_conntrack(self) -> None:
-        """Forget every connection in both routers."""
-        for r in self.routers.values():
-            conntrack.flush(r.ns)
-
-    # -- observing ---------------------------------------------------------------------------
-
-    def counters(self, side: str, fam: Family) -> dict[tuple[str, int | None], Counters]:
-        """Every counter of the loaded filter table; rule None for a policy."""
-        if side == "netfilter":
-            return self.routers[side].readers[fam].read("filter").flat()
-        t = self.bpf_table
-        assert t is not None
-        vals = read_counters(t.cnt, len(t.slots))
-        return {(c, r): vals[i] for i, (c, r) in enumerate(t.slots) if i}
-
-    def _policies(self, r: Router, fam: Family, table: str) -> int:
-        counts = r.readers[fam].read(table)
-        return sum(counts.get(chain, None).packets for chain in OBSERVED)
-
-    def _markers(self, r: Router, fam: Family) -> int:
-        return r.readers[fam].read("mangle").get("PREROUTING", 1).packets
-
-    def observe(self, side: str, frame: bytes) -> Seen:
-        """Send one frame to a router and report what its filter table did with it."""
-        fam = self.family
-        assert fam is not None and self.bpf_table is not None
-        r = self.routers[side]
-        mfam = other(fam)
-        before = self.counters(side, fam)
-        reached0 = self._policies(r, fam, "mangle")
-        passed0 = self._policies(r, fam, "security")
-        marks0 = self._markers(r, mfam)
-        if side == "pybpfilter":
-            self.bpf_table.trace.update(b"\0\0\0\0", bytes(8) * possible_cpus())
-        # Frame and marker from one CPU: they share its backlog queue and stay in order.
-        cpu = _libc.sched_getcpu()
-        os.sched_setaffinity(0, {cpu if cpu >= 0 else min(self._affinity)})
-        try:
-            r.tx.send(frame)
-            r.tx.send(self.markers[mfam])
-        finally:
-            os.sched_setaffinity(0, self._affinity)
-        deadline = time.monotonic() + 2.0
-        while (marks := self._markers(r, mfam)) == marks0:
-            if time.monotonic() > deadline:
-                raise OracleError(f"{side}: the marker frame was not counted")
-            time.sleep(0.0002)
-        if marks != marks0 + 1:
-            raise OracleError(f"{side}: {marks - marks0} markers counted for one sent")
-        after = self.counters(side, fam)
-        reached = self._policies(r, fam, "mangle") - reached0
-        passed = self._policies(r, fam, "security") - passed0
-        if reached > 1 or passed > 1:
-            raise OracleError(f"{side}: stray traffic: {reached} arrivals, {passed} passes")
-        deltas = {k: Counters(v.packets - before[k].packets, v.bytes - before[k].bytes)
-                  for k, v in after.items()}
-        return Seen(reached == 1, "ACCEPT" if passed else "DROP", deltas,
-                    self._trace_decider() if side == "pybpfilter" else None)
-
-    def _trace_decider(self) -> tuple[str, int | None] | None:
-        t = self.bpf_table
-        assert t is not None
-        for v in t.trace.lookup_percpu(b"\0\0\0\0") or []:
-            slot, verdict = struct.unpack("<II", v)
-            if verdict and slot:
-                return t.slots[slot][0], t.slots[slot][1]
-        return None
+        self.load_bpf(parse_ruleset(text, family), text, family)
