@@ -273,11 +273,17 @@ def targets(res: dict) -> list[dict]:
                                     f"{w['parse_s']:.2f} + compile {w['compile_s']:.2f} + maps "
                                     f"{w['maps_s']:.2f} + load {w['load_s']:.3f})",
                         "met": t < limit})
-    for u in res.get("updates") or []:
-        if u["system"].startswith("pybpfilter"):
+    ups = res.get("updates") or []
+    start = [u["seconds"] for u in ups if u["mode"] == "start-up"]
+    for u in ups:
+        # The target is the in-place change; full restores are the fallback (in the table).
+        if u["system"].startswith("pybpfilter") and u["mode"].startswith("in place"):
+            measured = secs_str(u["seconds"])
+            if u["mode"].endswith("CLI") and start:
+                measured += f" (Python start-up and imports alone: {secs_str(start[0])})"
             out.append({"target": f"one-rule change to {n_str(u['n'])} rules < 50 ms, "
                         f"{u['system']}, {u['mode']}",
-                        "measured": secs_str(u["seconds"]), "met": u["seconds"] < 0.05})
+                        "measured": measured, "met": u["seconds"] < 0.05})
     return out
 
 

@@ -120,6 +120,10 @@ def run_updates(sb: Sandbox, rs: Ruleset, hooks: tuple[str, ...],
                 f"{statistics.median(cli):.2f} s, in-process {statistics.median(inproc):.2f} s; "
                 f"in place {statistics.median(inplace) * 1e3:.0f} ms, CLI in place "
                 f"{statistics.median(cli_inplace) * 1e3:.0f} ms")
+        boot = [_timed([BPFILTER, "--version"]) for _ in range(REPS)]
+        out.append(UpdateResult("pybpfilter", "start-up", "bpfilter --version (Python start-up "
+                                "and imports: part of every command)", rs.n,
+                                statistics.median(boot), boot))
         out += _baselines(sb, rs, log)
     finally:
         sb.delete_pair(pair)
