@@ -12,10 +12,10 @@ from collections.abc import Iterator
 import pytest
 from helpers import cgroups, names
 from helpers import topology as topo_mod
+from helpers.bpffs import mounted_bpffs
 from helpers.kernel import cgroup2_mount, require_kernel, skip_reason
 
 from bpfilter import netns as netns_api
-from bpfilter.bpf.bpffs import mount_bpffs, umount
 
 # Tests using these fixtures touch the kernel whether or not they say so.
 KERNEL_FIXTURES = {"netns", "topology", "bpffs", "cgroup2"}
@@ -73,34 +73,15 @@ def topology() -> Iterator[topo_mod.Topology]:
         topo_mod.destroy_topology(topo)
 
 
-# Iterators the kernel's bpf_preload puts in every bpffs root; they go with the mount.
-PRELOADED = {"maps.debug", "progs.debug"}
-
-
-def _empty(path: str) -> None:
-    for root, dirs, files in os.walk(path, topdown=False):
-        for f in files:
-            if root == path and f in PRELOADED:
-                continue
-            os.unlink(os.path.join(root, f))
-        for d in dirs:
-            os.rmdir(os.path.join(root, d))
-
-
 @pytest.fixture
 def bpffs(tmp_path) -> Iterator[str]:
     """A private bpffs mount in a temporary directory; unpinned, unmounted and removed after."""
     require_kernel()
     path = str(tmp_path / "bpffs")
-    mount_bpffs(path)
-    try:
+    os.mkdir(path)
+    with mounted_bpffs(path):
         yield path
-    finally:
-        try:
-            _empty(path)  # unpin first: a pinned link would otherwise outlive the test
-        finally:
-            umount(path)
-            os.rmdir(path)
+    os.rmdir(path)
 
 
 @pytest.fixture

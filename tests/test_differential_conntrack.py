@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from helpers.kernel import require_kernel
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 from hypothesis.internal.conjecture import engine as hyp_engine
@@ -37,9 +35,8 @@ from oracle.ctflows import Flow, Scenario, Step
 from oracle.ctpeer import Peer
 from oracle.ctrig import DNAT_PORT, LOCALS, NOTRACK_PORT, PEERS, SNAT_TO, TFTP_PORT, CtRig
 from oracle.rules import RulesetSpec, spec_from_text
-from oracle.twin import Seen
+from oracle.twin import Seen, private_bpffs, require_twin_tools
 
-from bpfilter.bpf.bpffs import mount_bpffs, umount
 from bpfilter.ir.model import Family
 
 pytestmark = [pytest.mark.kernel]
@@ -48,29 +45,14 @@ EXAMPLES = int(os.environ.get("BPFILTER_CT_EXAMPLES", "12"))
 SEED = int(os.environ.get("BPFILTER_DIFF_SEED") or random.randrange(1 << 32))
 SHRINK_SECONDS = int(os.environ.get("BPFILTER_DIFF_SHRINK", "60"))
 V4, V6 = Family.IPV4, Family.IPV6
-PRELOADED = {"maps.debug", "progs.debug"}  # the kernel's own entries in every bpffs root
 
 
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CtRig]:
     """The sender and both receivers, with a private bpffs for pybpfilter."""
-    require_kernel()
-    for tool in ("iptables-legacy-restore", "ip6tables-legacy-restore", "nft"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"kernel test: needs {tool}")
-    path = str(tmp_path_factory.mktemp("ctbpffs"))
-    mount_bpffs(path)
-    try:
-        with CtRig(os.path.join(path, "pybpfilter")) as r:
-            yield r
-    finally:
-        for root, dirs, files in os.walk(path, topdown=False):
-            for f in files:
-                if not (root == path and f in PRELOADED):
-                    os.unlink(os.path.join(root, f))
-            for d in dirs:
-                os.rmdir(os.path.join(root, d))
-        umount(path)
+    require_twin_tools()
+    with private_bpffs(tmp_path_factory, "ctbpffs") as root, CtRig(root) as r:
+        yield r
 
 
 # -- the probe ruleset --------------------------------------------------------------------------

@@ -10,18 +10,15 @@ starts agreeing is noticed).
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Iterator
 
 import pytest
-from helpers.kernel import require_kernel
 from oracle.ctcompare import StatefulDifferential
 from oracle.ctrig import CtRig
 from oracle.rules import spec_from_text
-from test_differential_conntrack import CASES, PRELOADED, CtCase, Probe, _scenario, probe_rules
+from oracle.twin import private_bpffs, require_twin_tools
+from test_differential_conntrack import CASES, CtCase, Probe, _scenario, probe_rules
 
-from bpfilter.bpf.bpffs import mount_bpffs, umount
 from bpfilter.ir.model import Family
 
 pytestmark = [pytest.mark.kernel]
@@ -41,23 +38,9 @@ RESIDUAL = {
 def hook_rig(request: pytest.FixtureRequest,
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[CtRig]:
     """The sender and both receivers, pybpfilter on the receiver's interface."""
-    require_kernel()
-    for tool in ("iptables-legacy-restore", "ip6tables-legacy-restore", "nft"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"kernel test: needs {tool}")
-    path = str(tmp_path_factory.mktemp("ctbpffs"))
-    mount_bpffs(path)
-    try:
-        with CtRig(os.path.join(path, "pybpfilter"), hook=request.param) as r:
-            yield r
-    finally:
-        for root, dirs, files in os.walk(path, topdown=False):
-            for f in files:
-                if not (root == path and f in PRELOADED):
-                    os.unlink(os.path.join(root, f))
-            for d in dirs:
-                os.rmdir(os.path.join(root, d))
-        umount(path)
+    require_twin_tools()
+    with private_bpffs(tmp_path_factory, "ctbpffs") as root, CtRig(root, hook=request.param) as r:
+        yield r
 
 
 @pytest.fixture(scope="module", params=[Family.IPV4, Family.IPV6], ids=["ipv4", "ipv6"])

@@ -35,7 +35,6 @@ import os
 import random
 import re
 import shlex
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,9 +47,8 @@ from oracle.ctrig import RX_MAC, TX_MAC
 from oracle.forward import RouterRig
 from oracle.frames import TCP_FLAG_BITS, IpProto, PacketSpec, icmp_bytes, tcp_bytes, udp_bytes
 from oracle.rules import RulesetSpec, spec_from_text
-from oracle.twin import Seen
+from oracle.twin import Seen, private_bpffs, require_twin_tools
 
-from bpfilter.bpf.bpffs import mount_bpffs, umount
 from bpfilter.frontends.iptables import ParseError, parse
 from bpfilter.ir.model import BUILTIN_CHAINS, Counters, Family
 from bpfilter.runtime.checker import Checker
@@ -64,7 +62,6 @@ SEED = int(os.environ.get("BPFILTER_DIFF_SEED") or random.randrange(1 << 32))
 FRAMES = int(os.environ.get("BPFILTER_REALWORLD_FRAMES", "40"))
 # Too big for this file's time budget (thousands of rules: a minute to compile and verify).
 TOO_BIG = 2000
-PRELOADED = {"maps.debug", "progs.debug"}  # the kernel's own entries in every bpffs root
 
 # Known compiler problems, each with its reproducer in the reason (strict: a fix shows up).
 XFAIL: dict[str, str] = {}
@@ -211,23 +208,9 @@ def test_corpus_compiles(name: str) -> None:
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RouterRig]:
     """The sender and both routers, with a private bpffs for pybpfilter."""
-    require_kernel()
-    for tool in ("iptables-legacy-restore", "ip6tables-legacy-restore", "nft"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"kernel test: needs {tool}")
-    path = str(tmp_path_factory.mktemp("rwbpffs"))
-    mount_bpffs(path)
-    try:
-        with RouterRig(os.path.join(path, "pybpfilter")) as r:
-            yield r
-    finally:
-        for root, dirs, files in os.walk(path, topdown=False):
-            for f in files:
-                if not (root == path and f in PRELOADED):
-                    os.unlink(os.path.join(root, f))
-            for d in dirs:
-                os.rmdir(os.path.join(root, d))
-        umount(path)
+    require_twin_tools()
+    with private_bpffs(tmp_path_factory, "rwbpffs") as root, RouterRig(root) as r:
+        yield r
 
 
 @dataclass

@@ -12,6 +12,8 @@ import ctypes.util
 import os
 import struct
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -199,3 +201,26 @@ class TwinRig:
             if verdict and slot:
                 return t.slots[slot][0], t.slots[slot][1]
         return None
+
+
+def require_twin_tools() -> None:
+    """Skip unless the kernel and the tools both sides need are here."""
+    import shutil
+
+    import pytest
+    from helpers.kernel import require_kernel
+
+    require_kernel()
+    for tool in ("iptables-legacy-restore", "ip6tables-legacy-restore", "nft"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"kernel test: needs {tool}")
+
+
+@contextmanager
+def private_bpffs(tmp_path_factory, name: str) -> Iterator[str]:
+    """A bpffs mounted for one rig; yields the pybpfilter root in it, emptied and unmounted
+    afterwards (also on failure)."""
+    from helpers.bpffs import mounted_bpffs
+
+    with mounted_bpffs(str(tmp_path_factory.mktemp(name))) as path:
+        yield os.path.join(path, "pybpfilter")
