@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..ir.model import GOTO, JUMP, Chain, ChainRef, Origin, Rule, Table
+from ..ir.model import GOTO, JUMP, Chain, Origin, Rule, Table, jump_loop, jump_target
 
 
 class CompileError(ValueError):
@@ -21,15 +21,6 @@ def rule_label(chain: str, index: int, rule: Rule) -> str:
     if rule.origin is not None and rule.origin.text:
         return rule.origin.text.strip()
     return f"rule {index} of chain {chain}"
-
-
-def jump_target(rule: Rule) -> str | None:
-    """The chain a rule jumps or goes to, if any."""
-    if rule.target is not None and rule.target.kind in (JUMP, GOTO):
-        ref = rule.target.params
-        assert isinstance(ref, ChainRef)
-        return ref.chain
-    return None
 
 
 @dataclass
@@ -52,24 +43,10 @@ def check_references(table: Table) -> None:
             if table.chains[target].builtin:
                 raise CompileError(f"chain {chain.name}, rule {n}: cannot jump to built-in "
                                    f"chain {target!r}", rule.origin)
-    state: dict[str, int] = {}  # 1: on the current path, 2: done
-
-    def visit(name: str, path: list[str]) -> None:
-        state[name] = 1
-        for rule in table.chains[name].rules:
-            target = jump_target(rule)
-            if target is None:
-                continue
-            if state.get(target) == 1:
-                loop = " -> ".join([*path[path.index(target):], target])
-                raise CompileError(f"chain loop: {loop}", rule.origin)
-            if state.get(target) is None:
-                visit(target, [*path, target])
-        state[name] = 2
-
-    for name in table.chains:
-        if state.get(name) is None:
-            visit(name, [name])
+    found = jump_loop(table, table.chains)
+    if found is not None:
+        rule, path = found
+        raise CompileError(f"chain loop: {' -> '.join(path)}", rule.origin)
 
 
 def reachable(table: Table, start: Chain) -> list[str]:

@@ -8,6 +8,7 @@ not take part in that comparison.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -143,3 +144,36 @@ class Ruleset:
     def rule_count(self) -> int:
         """Number of rules in all tables."""
         return sum(len(c.rules) for t in self.tables.values() for c in t.chains.values())
+
+
+def jump_target(rule: Rule) -> str | None:
+    """The chain a rule jumps or goes to, if any."""
+    t = rule.target
+    if t is not None and t.kind in (JUMP, GOTO):
+        assert isinstance(t.params, ChainRef)
+        return t.params.chain
+    return None
+
+
+def jump_loop(table: Table, starts: Iterable[str]) -> tuple[Rule, list[str]] | None:
+    """A chain that reaches itself through jumps and gotos, walking from `starts`: the rule
+    that closes the loop and the chains on it (first and last the same); None if none."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(name: str, path: list[str]) -> tuple[Rule, list[str]] | None:
+        state[name] = 1
+        for rule in table.chains[name].rules:
+            dest = jump_target(rule)
+            if dest is None:
+                continue
+            if state.get(dest) == 1:
+                return rule, [*path[path.index(dest):], dest]
+            if state.get(dest) is None and (found := visit(dest, [*path, dest])):
+                return found
+        state[name] = 2
+        return None
+
+    for name in starts:
+        if state.get(name) is None and (found := visit(name, [name])):
+            return found
+    return None

@@ -16,8 +16,6 @@ from typing import Any
 
 from ...ir.model import (
     BUILTIN_CHAINS,
-    GOTO,
-    JUMP,
     Chain,
     ChainRef,
     Counters,
@@ -27,6 +25,8 @@ from ...ir.model import (
     Ruleset,
     Table,
     Target,
+    jump_loop,
+    jump_target,
 )
 from ...matches import REGISTRY
 from ...matches.registry import Context
@@ -301,8 +301,8 @@ class _FileParser:
                 raise RuleError(f"cannot delete chain '{c.name}': it is not empty", cmd.token)
         for other in self.table.chains.values():
             for r in other.rules:
-                if other.name not in doomed and _jump_of(r) in doomed:
-                    raise RuleError(f"cannot delete chain '{_jump_of(r)}': rules of "
+                if other.name not in doomed and jump_target(r) in doomed:
+                    raise RuleError(f"cannot delete chain '{jump_target(r)}': rules of "
                                     f"'{other.name}' jump to it", cmd.token)
         for name in doomed:
             del self.table.chains[name]
@@ -351,7 +351,7 @@ class _FileParser:
                              for k, v in self.table.chains.items()}
         for c in self.table.chains.values():
             for r in c.rules:
-                if _jump_of(r) == old:
+                if jump_target(r) == old:
                     r.target = Target(r.target.kind, ChainRef(new.text))
 
     # --- COMMIT ------------------------------------------------------------------------------
@@ -391,31 +391,11 @@ class _FileParser:
             raise self._rule_error(rule, f"{msg} (chain reached from {ctx.chain})", t.kind)
 
     def _check_loops(self, table: Table) -> None:
-        state: dict[str, int] = {}  # 1: on the current path, 2: done
-
-        def visit(name: str, path: list[str]) -> None:
-            state[name] = 1
-            for r in table.chains[name].rules:
-                dest = _jump_of(r)
-                if dest is None:
-                    continue
-                if state.get(dest) == 1:
-                    loop = " -> ".join([*path[path.index(dest):], dest])
-                    raise self._rule_error(r, f"jump loop: {loop}", dest)
-                if state.get(dest) is None:
-                    visit(dest, [*path, dest])
-            state[name] = 2
-
-        for name, chain in table.chains.items():
-            if chain.builtin:
-                visit(name, [name])
-
-
-def _jump_of(rule: Rule) -> str | None:
-    t = rule.target
-    if t is not None and t.kind in (JUMP, GOTO):
-        return t.params.chain
-    return None
+        # Like iptables, only chains reached from a built-in chain count.
+        found = jump_loop(table, [n for n, c in table.chains.items() if c.builtin])
+        if found is not None:
+            rule, path = found
+            raise self._rule_error(rule, f"jump loop: {' -> '.join(path)}", path[-1])
 
 
 def _reaching_hooks(table: Table) -> dict[str, set[str]]:
@@ -430,7 +410,7 @@ def _reaching_hooks(table: Table) -> dict[str, set[str]]:
             name = todo.pop()
             out.setdefault(name, set()).add(start)
             for r in table.chains[name].rules:
-                dest = _jump_of(r)
+                dest = jump_target(r)
                 if dest is not None and dest not in seen:
                     seen.add(dest)
                     todo.append(dest)
