@@ -38,15 +38,16 @@ def _read(path: str) -> tuple[str, str]:
 
 
 def parse_file(path: str, family: Family, sets: dict | None = None,
-               default_sets: Callable[[], dict] | None = None) -> tuple[Ruleset, str, str]:
+               default_sets: Callable[[], dict] | None = None,
+               source: tuple[str, str] | None = None) -> tuple[Ruleset, str, str]:
     """Parse an iptables-save file (ipset commands may come before its first table, on top of
     `sets`; with neither, rules see `default_sets()`); returns the ruleset, its canonical text
-    and the original."""
+    and the original. `source` is (text, name) when the file was read already."""
     from ..frontends.ipset import parse_sets, split_combined
     from ..frontends.iptables.parser import ParseError, parse
     from ..frontends.iptables.saver import save
 
-    text, name = _read(path)
+    text, name = source or _read(path)
     try:
         set_text, rule_text = split_combined(text)
         if set_text.strip():
@@ -114,13 +115,55 @@ def _loaded_ruleset(rt: Runtime, fam: Family) -> tuple[Ruleset, Loaded]:
     return rs, loaded
 
 
+def _restore_nft(args: argparse.Namespace, source: tuple[str, str]) -> int:
+    """Restore an nftables JSON ruleset: each family it has a table for (or the one of -4/-6)."""
+    from ..frontends.iptables.parser import ParseError
+    from ..frontends.iptables.saver import save
+    from ..frontends.nftables import parse as parse_nft
+
+    if getattr(args, "sets", None):
+        raise UserError("--sets: named sets are not supported with nftables rulesets")
+    only = Family.IPV6 if args.ipv6 else Family.IPV4 if args.ipv4 else None
+    try:
+        rulesets = parse_nft(source[0], filename=source[1],
+                             families=(only,) if only else tuple(Family))
+    except ParseError as e:
+        raise UserError(str(e)) from None
+    if not rulesets:
+        raise UserError(f"{source[1]}: no table of family ip, ip6 or inet"
+                        + (f" for {only.value}" if only else ""))
+    for rs in rulesets.values():
+        rs.source = os.path.abspath(args.file) if args.file != "-" else None
+        # Two families load one after the other: both are verified before either is.
+        if args.test or len(rulesets) > 1:
+            _restore_one(args, rs, save(rs), source[0], keep=False, dry=True)
+    if args.test:
+        return 0
+    for rs in rulesets.values():
+        _restore_one(args, rs, save(rs), source[0], keep=False)
+    return 0
+
+
 def cmd_restore(args: argparse.Namespace) -> int:
     """Compile, load and attach (or with --test only compile and verify)."""
     fam = _family(args)
+    fmt = getattr(args, "format", "auto")
+    source = None
+    if fmt != "iptables":
+        source = _read(args.file)
+        if fmt == "nft" or source[0].lstrip().startswith("{"):  # JSON: nft -j list ruleset
+            return _restore_nft(args, source)
     # Without set definitions, rules may use the sets already loaded (which are then kept).
     rs, text, original = parse_file(args.file, fam, _given_sets(args),
-                                    lambda: _loaded_sets(args, fam))
-    if args.test:
+                                    lambda: _loaded_sets(args, fam), source)
+    return _restore_one(args, rs, text, original)
+
+
+def _restore_one(args: argparse.Namespace, rs: Ruleset, text: str, original: str,
+                 keep: bool = True, dry: bool = False) -> int:
+    """Restore one parsed ruleset (`keep`: undeclared built-in chains keep their policy;
+    `dry`: only what --test does)."""
+    if args.test or dry:
         from ..runtime.checker import Checker
         from ..runtime.loader import compile_ruleset
 
@@ -137,7 +180,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
                     pass
         return 0
     rt = _runtime(args)
-    if rt.keep_policies(rs):
+    if keep and rt.keep_policies(rs):
         from ..frontends.iptables.saver import save
 
         text = save(rs)

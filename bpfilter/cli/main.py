@@ -22,6 +22,13 @@ def _common(p: argparse.ArgumentParser, *, family: bool = True, hook: bool = Tru
                    "or $BPFILTER_BPFFS)")
 
 
+def _cgroup_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cgroup", metavar="PATH",
+                   help="cgroup v2 directory whose sockets the nat OUTPUT chain translates "
+                        "(default: where it is attached now, else $BPFILTER_CGROUP, else the "
+                        "cgroup v2 root, /sys/fs/cgroup); only sockets of --netns are translated")
+
+
 def _sets_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sets", metavar="FILE",
                    help="named sets in `ipset save` format (the ruleset file may also start "
@@ -43,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-t", "--test", action="store_true",
                    help="compile and verify only; change nothing")
     _sets_option(p)
+    _cgroup_option(p)
+    p.add_argument("--format", choices=("auto", "iptables", "nft"), default="auto",
+                   help="input format: iptables-save text, or nft -j list ruleset JSON "
+                        "(default: JSON when the file starts with '{', else iptables)")
     p.add_argument("file", nargs="?", default="-", help="iptables-save file (- for stdin)")
 
     p = sub.add_parser("save", help="print the loaded ruleset in iptables-save format")
