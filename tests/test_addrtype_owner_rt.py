@@ -187,11 +187,8 @@ def test_addrtype_and_owner_like_netfilter(topology, bpffs, tmp_path):
 
 
 @pytest.mark.parametrize(("family", "text", "chain", "hook", "words"), [
-    (Family.IPV4, "-A INPUT -m addrtype --src-type LOCAL", "INPUT", "nf", "--src-type"),
-    (Family.IPV4, "-A INPUT -m addrtype --dst-type LOCAL --limit-iface-in", "INPUT", "nf",
-     "--limit-iface-in"),
-    (Family.IPV4, "-A INPUT -m addrtype --dst-type LOCAL", "INPUT", "tc", "hook tc"),
-    (Family.IPV6, "-A INPUT -m addrtype --dst-type LOCAL", "INPUT", "nf", "IPv6 LOCAL"),
+    (Family.IPV6, "-A INPUT -m addrtype --dst-type UNREACHABLE", "INPUT", "nf",
+     "IPv6 UNREACHABLE"),
     (Family.IPV4, "-A OUTPUT -m owner --gid-owner 1 --suppl-groups", "OUTPUT", "nf",
      "suppl-groups"),
     (Family.IPV4, "-A OUTPUT -m owner --uid-owner 1", "OUTPUT", "tc", "hook tc"),
@@ -215,13 +212,13 @@ def test_postrouting_loads():
     Checker(rs, chain="POSTROUTING", table="mangle").close()
 
 
-def test_addrtype_in_prerouting_refused():
-    """PREROUTING runs before the routing decision: no route to read yet."""
+def test_addrtype_in_prerouting_loads():
+    """PREROUTING runs before the routing decision: the type comes from the local table map
+    (see test_addrtype_everywhere.py for the comparison with netfilter)."""
     require_kernel()
     rs = parse("*mangle\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -m addrtype --dst-type LOCAL\n"
                "COMMIT\n", family=Family.IPV4, filename="t")
-    with pytest.raises(CompileError, match="PREROUTING: the packet has no route yet"):
-        Checker(rs, chain="PREROUTING", table="mangle").close()
+    Checker(rs, chain="PREROUTING", table="mangle").close()
 
 
 # --- rt: test runs ---------------------------------------------------------------------------

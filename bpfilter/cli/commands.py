@@ -15,6 +15,7 @@ from ..ir.model import Counters, Family, Ruleset
 from ..matches.registry import MatchError
 from ..runtime.conntrack import ConntrackError
 from ..runtime.loader import Loaded, Runtime, RuntimeError_
+from ..runtime.localtable import LocalTableError
 from .pcap import PcapError
 from .setcmd import SetCommandError
 
@@ -331,12 +332,21 @@ COMMANDS = {"restore": cmd_restore, "save": cmd_save, "list": cmd_list, "flush":
             "monitor": cmd_monitor, "set": cmd_set}
 
 
+def _cmd_refresh(args: argparse.Namespace) -> int:
+    from .refreshcmd import cmd_refresh
+
+    return cmd_refresh(args)
+
+
+COMMANDS["refresh"] = _cmd_refresh
+
+
 def run(args: argparse.Namespace) -> int:
     """Run a parsed command, turning known errors into UserError."""
     try:
         return COMMANDS[args.command](args)
     except (CompileError, MatchError, RuntimeError_, PcapError, ConntrackError,
-            SetCommandError) as e:
+            SetCommandError, LocalTableError) as e:
         raise UserError(str(e)) from None
     except VerifierError as e:
         raise UserError(str(e)) from None

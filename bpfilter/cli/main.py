@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .setcmd import add_parser
 
     add_parser(sub, _common)
+    from . import refreshcmd
+
+    refreshcmd.add_parser(sub, _common)
 
     return ap
 

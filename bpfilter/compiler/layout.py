@@ -39,6 +39,7 @@ PKTTYPE = 128  # u8
 TCPOPTLEN = 129  # u8: bytes of TCP options copied
 MARKSET = 131  # u8: a MARK target changed the mark (the epilogue writes it back)
 ETHOK = 132  # u8: an Ethernet header precedes the network header (xt_mac's condition)
+RTDSTDEV = 134  # u16: the destination's type for --limit-iface-in/out (see hooks/localtable.py)
 PCLASS = 130  # u8: the packet class the classifier keys on (see classify.atoms.PacketClass)
 TCPOPTS = 136  # 40 bytes of TCP options
 # 176..191: scratch for the link-layer and extension-header parsers
@@ -53,13 +54,15 @@ CTORIGSRC, CTORIGDST, CTREPLSRC, CTREPLDST = CT + 12, CT + 28, CT + 44, CT + 60
 CTORIGSPORT, CTORIGDPORT, CTREPLSPORT, CTREPLDPORT = CT + 76, CT + 78, CT + 80, CT + 82
 # 392..415: route type, socket owner (nf metadata) and the IPv6 routing header (parser);
 # zeroed by the parser.
-RTDST = 392  # u16: 1 << the RTN_* type xt_addrtype gives the destination (0: unknown)
+RTDST = 392  # u16: xt_addrtype's type bits of the destination (see hooks/localtable.py)
 OWNSTATE = 394  # u8: 0 no socket, 1 a socket without a file, 2 with a file (UID/GID valid)
 RHSTATE = 395  # u8: routing header 0 absent, 1 read, 2 unreadable (hotdrop), 3 longer than packet
 RHTYPE, RHSEGS, RHLEN, RHRESOK = 396, 397, 398, 399  # u8 each; RHLEN as in the header
 OWNUID = 400  # u32: the socket file's fsuid (8-aligned: scratch for pointers before)
 OWNGID = 404  # u32: its fsgid
 RHRES = 408  # u32: the type 0 header's reserved word (valid when RHRESOK)
+RTSRC = 412  # u16: the source address's type bits (as RTDST)
+RTSRCDEV = 414  # u16: the source's type for --limit-iface-in/out (as RTDSTDEV)
 
 L4_BUF = 24  # size of the transport buffer
 TCP_HDR = 20
@@ -102,6 +105,9 @@ def field_offset(field: Field, family: Family) -> int:
         Field.CTREPLSPORT: CTREPLSPORT,
         Field.CTREPLDPORT: CTREPLDPORT,
         Field.RTDST: RTDST,
+        Field.RTSRC: RTSRC,
+        Field.RTSRCDEV: RTSRCDEV,
+        Field.RTDSTDEV: RTDSTDEV,
         Field.OWNSTATE: OWNSTATE,
         Field.OWNUID: OWNUID,
         Field.OWNGID: OWNGID,

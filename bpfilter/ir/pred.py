@@ -64,7 +64,9 @@ class Field(Enum):
     CTREPLSPORT = (33, 2, Order.NET)
     CTREPLDPORT = (34, 2, Order.NET)
     # Netfilter hooks only: the packet's route and socket (see hooks/nf.py).
-    RTDST = (35, 2, Order.HOST)  # 1 << xt_addrtype's RTN_* type of the destination, 0 unknown
+    # xt_addrtype's type bits of the destination / source: 1 << RTN_* (IPv4), the LOCAL and
+    # ANYCAST bits of a route lookup (IPv6); see compiler/hooks/localtable.py.
+    RTDST = (35, 2, Order.HOST)
     OWNSTATE = (36, 1, Order.HOST)  # 0 no socket, 1 socket without a file, 2 with one
     OWNUID = (37, 4, Order.HOST)  # the socket file's fsuid (xt_owner's uid)
     OWNGID = (38, 4, Order.HOST)  # its fsgid
@@ -74,6 +76,11 @@ class Field(Enum):
     RHSEGS = (41, 1, Order.HOST)  # segments left
     RHLEN = (42, 1, Order.HOST)  # header length in 8-byte units, not counting the first 8
     RHRES = (43, 4, Order.HOST)  # type 0: the reserved word (valid when its read succeeded)
+    RTSRC = (60, 2, Order.HOST)  # the source's address type bits, as RTDST
+    # --limit-iface-in/out: the local table's type bits, bit 15 set when the route's device (an
+    # IPv6 address's device) is the packet's input device, bit 14 its output device.
+    RTSRCDEV = (61, 2, Order.HOST)
+    RTDSTDEV = (62, 2, Order.HOST)
 
     def __init__(self, ident: int, width: int, order: Order) -> None:
         # Plain attributes: the classifier reads them millions of times on big rulesets.

@@ -387,47 +387,73 @@ def _save_addrtype(p: AddrTypeMatch, ctx: Context) -> list[str]:
 
 
 _V6_BY_ADDRESS = (1 << RouteType.UNSPEC) | (1 << RouteType.UNICAST) | (1 << RouteType.MULTICAST)
+_LOCAL, _ANYCAST, _UNICAST = 1 << RouteType.LOCAL, 1 << RouteType.ANYCAST, 1 << RouteType.UNICAST
+# Bits of RTSRCDEV / RTDSTDEV (compiler/hooks/localtable.py): the route's device is the
+# packet's input / output device.
+_DEV_BIT = {"in": 1 << 15, "out": 1 << 14}
 
 
-def _v6_type(field: Field, mask: int) -> Pred:
+def _has(types: Field, bits: int) -> Pred:
+    """(types & bits) != 0."""
+    return Not(Cmp(types, 0, bits)) if bits else Const(False)
+
+
+def _v4_lookup(types: Field, mask: int, dev: str | None) -> Pred:
+    """inet_dev_addr_type(): the type, or with a device UNICAST unless the route is on it."""
+    if dev is None:
+        return _has(types, mask)
+    on = _DEV_BIT[dev]
+    return any_of(all_of(Cmp(types, on, on), _has(types, mask)),
+                  all_of(Cmp(types, 0, on), Const(bool(mask & _UNICAST))))
+
+
+def _v6_lookup(types: Field, mask: int, dev: str | None) -> Pred:
+    """match_lookup_rt6(): LOCAL from the route (without a device) or from the address being
+    on the device (with one); ANYCAST from the route either way."""
+    local = mask & _LOCAL
+    if dev is not None and local:
+        on = _DEV_BIT[dev]
+        return any_of(Cmp(types, on, on), _has(types, mask & _ANYCAST))
+    return _has(types, mask & (_LOCAL | _ANYCAST))
+
+
+def _v6_type(field: Field, types: Field, mask: int, dev: str | None) -> Pred:
     """IPv6 (match_type6): each of UNSPEC, UNICAST, MULTICAST in the mask is a requirement on
-    the address itself (ipv6_addr_type); the route lookups are not compiled."""
-    if mask & ~_V6_BY_ADDRESS:
-        raise Unsupported("addrtype", ": IPv6 LOCAL, ANYCAST and UNREACHABLE come from a route "
-                          "lookup of the address (nf_ip6_route), which programs cannot do; "
-                          "UNSPEC, UNICAST and MULTICAST are supported")
+    the address itself (ipv6_addr_type); LOCAL and ANYCAST, when asked, must be among the route
+    lookup's answers (`types`, filled from the local table, see compiler/hooks/localtable.py)."""
+    if mask & (1 << RouteType.UNREACHABLE):
+        raise Unsupported("addrtype", ": IPv6 UNREACHABLE is the failure of a full route "
+                          "lookup (every table, every policy rule), which programs cannot do; "
+                          "UNSPEC, UNICAST, MULTICAST, LOCAL and ANYCAST are supported")
     multicast = Cmp(field, b"\xff", b"\xff")
     preds: list[Pred] = []
     if mask & (1 << RouteType.MULTICAST):
         preds.append(multicast)
-    if mask & (1 << RouteType.UNICAST):  # IPV6_ADDR_UNICAST or LOOPBACK: not ::, ::ffff:0:0/96
+    if mask & _UNICAST:  # IPV6_ADDR_UNICAST or LOOPBACK: not ::, ::ffff:0:0/96
         preds += [Not(multicast), Not(Cmp(field, bytes(16))),
                   Not(Cmp(field, bytes(10) + b"\xff\xff", b"\xff" * 12))]
     if mask & (1 << RouteType.UNSPEC):
         preds.append(Cmp(field, bytes(16)))
+    if mask & (_LOCAL | _ANYCAST):
+        preds.append(_v6_lookup(types, mask, dev))
     return all_of(*preds)
 
 
 def _lower_addrtype(p: AddrTypeMatch, ctx: Context) -> Pred:
     v4 = ctx.family is Family.IPV4
     preds: list[Pred] = []
-    if p.src:
+    for mask, invert, addr, types in (
+            (p.src, p.src_invert, Field.SADDR4 if v4 else Field.SADDR6,
+             Field.RTSRCDEV if p.dev else Field.RTSRC),
+            (p.dst, p.dst_invert, Field.DADDR4 if v4 else Field.DADDR6,
+             Field.RTDSTDEV if p.dev else Field.RTDST)):
+        if not mask:
+            continue
         if v4:
-            raise Unsupported("addrtype", ": --src-type needs the kernel's local routing table "
-                              "for the source address, which the packet's route does not tell")
-        preds.append(negate(_v6_type(Field.SADDR6, p.src), p.src_invert))
-    if p.dst:
-        if not v4:
-            preds.append(negate(_v6_type(Field.DADDR6, p.dst), p.dst_invert))
-        elif ctx.hook not in ("nf", None):
-            raise Unsupported("addrtype", f" on hook {ctx.hook}: the IPv4 destination type is "
-                              "read from the route netfilter's hooks see (use --hook nf)")
-        elif p.dev:
-            raise Unsupported("addrtype", f": --limit-iface-{p.dev} needs the local table "
-                              "route's device, which the packet's route does not keep")
+            # types holds 1 << the address's RTN_* type (and the device bits).
+            preds.append(negate(_v4_lookup(types, mask, p.dev), invert))
         else:
-            # (RTDST & mask) != 0, RTDST being 1 << the route's type.
-            preds.append(negate(Not(Cmp(Field.RTDST, 0, p.dst)), p.dst_invert))
+            preds.append(negate(_v6_type(addr, types, mask, p.dev), invert))
     return all_of(*preds)
 
 

@@ -15,11 +15,13 @@ from ..bpf.prog import Prog
 from ..compiler.codegen import compile_table
 from ..compiler.compiled import COUNTERS, PASSED, TRACE, CompiledTable
 from ..compiler.hooks.base import Flavour, Verdict
+from ..compiler.hooks.localtable import LOCAL_TABLE
 from ..compiler.hooks.nf import NetfilterFlavour
 from ..compiler.hooks.tcxdp import TcFlavour, XdpFlavour
 from ..compiler.setmaps import initial_data
 from ..compiler.validate import CompileError
 from ..ir.model import Counters, Family, Ruleset
+from .localtable import read_entries
 
 ETH_HLEN = 14
 
@@ -67,6 +69,9 @@ class Checker:
         cp = self.compiled.programs[chain]
         self.nf_hook = cp.hook.nf_hook
         self.compiled.map_data.update(initial_data(rs.sets, self.compiled.maps))
+        if LOCAL_TABLE in self.compiled.maps:
+            # addrtype answers for the addresses of the namespace the check runs in.
+            self.compiled.map_data[LOCAL_TABLE] = list(read_entries(rs.family, None).items())
         self.maps = self.compiled.create_maps()
         try:
             self.prog = Prog.load(cp.flavour.prog_type,

@@ -13,7 +13,7 @@ from ...bpf.insn import AluOp, JmpOp
 from ...ir.model import Family
 from ...ir.pred import CT_FIELDS, Field
 from .. import layout as L
-from . import ctlookup
+from . import ctlookup, localtable
 from .base import Flavour, HookPoint
 
 ETH_P_IP, ETH_P_IPV6 = 0x0800, 0x86DD
@@ -126,6 +126,7 @@ class EthernetFlavour(Flavour):
             self.emit_mark(a)
         if fields & CT_FIELDS:
             ctlookup.emit_ct(a, self, fields)
+        localtable.emit_types(a, self.family, fields, dev=self.emit_dev_ifindex)
 
     def unsupported_field(self, f: Field) -> str | None:
         """Every field can be read (XDP refuses the mark itself)."""
@@ -133,6 +134,11 @@ class EthernetFlavour(Flavour):
 
     def emit_mark(self, a: Assembler) -> None:
         """Store the packet mark (tc only)."""
+        raise NotImplementedError
+
+    def emit_dev_ifindex(self, a: Assembler, side: str, reg: int) -> None:
+        """reg = ifindex of the packet's input ("in") or output ("out") device, or
+        localtable.NO_DEV when this side has none."""
         raise NotImplementedError
 
     def static_fields(self) -> dict[Field, bytes]:

@@ -18,7 +18,7 @@ from ...bpf.insn import AluOp, JmpOp
 from ...ir.model import Family
 from ...ir.pred import CT_FIELDS, OWNER_FIELDS, Field
 from .. import layout as L
-from . import ctread, route
+from . import ctread, localtable, route
 from .base import Flavour, HookPoint, Verdict
 
 _CHAINS = {
@@ -50,12 +50,9 @@ class NetfilterFlavour(Flavour):
         """The flavour at one netfilter hook (what the packet carries depends on it)."""
         return replace(self, nf_hook=hook.nf_hook)
 
-    def unsupported_field(self, f: Field) -> str | None:
-        """The route exists from the routing decision on: not in PREROUTING."""
-        if f is Field.RTDST and self.nf_hook == NfHook.PRE_ROUTING:
-            return ("addrtype --dst-type in PREROUTING: the packet has no route yet, and the "
-                    "address type is read from its route (INPUT, FORWARD, OUTPUT, POSTROUTING)")
-        return None
+    def _routed(self) -> bool:
+        """Whether the packet carries its route (from the routing decision on)."""
+        return self.nf_hook != NfHook.PRE_ROUTING
 
     def chains(self, table: str) -> dict[str, HookPoint]:
         """Built-in chains of `table` and their netfilter hooks."""
@@ -120,10 +117,28 @@ class NetfilterFlavour(Flavour):
             self._emit_smac(a)
         if fields & CT_FIELDS:
             self._emit_ct(a, fields)
-        if Field.RTDST in fields:
+        # The IPv4 destination's type is the route's the kernel chose, once there is one (always
+        # current); everything else is looked up in the local table's map.
+        by_route = self.family is Family.IPV4 and self._routed() and Field.RTDST in fields
+        if by_route:
             route.emit_dst_type(a, self.family)
+        localtable.emit_types(a, self.family, fields, dev=self._emit_dev_ifindex,
+                              skip=frozenset({Field.RTDST}) if by_route else frozenset())
         if fields & OWNER_FIELDS:
             route.emit_owner(a)
+
+    def _emit_dev_ifindex(self, a: Assembler, side: str, reg: int) -> None:
+        """reg = ifindex of nf_hook_state's input ("in") or output ("out") device, or NO_DEV."""
+        btf = vmlinux()
+        none, done = a.label("nodev"), a.label("dev_ifindex")
+        a.emit(I.ldx(I.DW, I.R1, L.R_CTX, btf.member_offset("bpf_nf_ctx", "state").offset))
+        a.emit(I.ldx(I.DW, I.R1, I.R1, btf.member_offset("nf_hook_state", side).offset))
+        a.jump(JmpOp.JEQ, I.R1, 0, none)
+        a.emit(I.ldx(I.W, reg, I.R1, btf.member_offset("net_device", "ifindex").offset))
+        a.goto(done)
+        a.place(none)
+        a.emit(I.mov64_imm(reg, localtable.NO_DEV))
+        a.place(done)
 
     def _emit_ct(self, a: Assembler, fields: set[Field]) -> None:
         """The packet's conntrack entry, as netfilter's conntrack attached it to the skb.

@@ -7,7 +7,10 @@ xt_owner's socket credentials, read from the kernel's structs at offsets from vm
   the skb carries the route the kernel chose for that same destination (`skb->_skb_refdst`, a
   `struct rtable`, or an xfrm bundle that copies it), whose `rt_type` is the local table's
   answer: the local table's rule comes first in the policy database, so a destination it holds
-  is routed by it. The type is stored as a bit (1 << RTN_*) as the match tests it.
+  is routed by it. The type is stored as a bit (1 << RTN_*) as the match tests it. This is used
+  on the nf hook from the routing decision on, where it is always current; the source's type,
+  PREROUTING, IPv6, --limit-iface-in/out and the tc/XDP hooks look the address up in a copy of
+  the local table instead (localtable.py).
 - Owner: xt_owner reads the full socket (`skb_to_full_sk`: a request socket's listener), its
   `struct socket` and that socket's file credentials (fsuid, fsgid).
 """

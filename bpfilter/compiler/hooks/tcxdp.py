@@ -21,6 +21,7 @@ from ...bpf.insn import AluOp, JmpOp
 from ...ir.pred import Field
 from .. import layout as L
 from .. import reject
+from . import localtable
 from .base import HookPoint, Verdict
 from .l2 import EthernetFlavour
 
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 
 SKB_MARK = 8  # offsetof(struct __sk_buff, mark)
 SKB_IFINDEX = 40  # offsetof(struct __sk_buff, ifindex)
+XDP_INGRESS_IFINDEX = 12  # offsetof(struct xdp_md, ingress_ifindex)
 
 
 @dataclass
@@ -65,6 +67,13 @@ class TcFlavour(EthernetFlavour):
     def emit_mark(self, a: Assembler) -> None:
         """skb->mark from the context."""
         a.emit(I.ldx(I.W, I.R1, L.R_CTX, SKB_MARK), I.stx(I.W, L.R_PKT, I.R1, L.MARK))
+
+    def emit_dev_ifindex(self, a: Assembler, side: str, reg: int) -> None:
+        """The interface attached to is the input device at ingress, the output at egress."""
+        if (side == "out") == self.egress:
+            a.emit(I.ldx(I.W, reg, L.R_CTX, SKB_IFINDEX))
+        else:
+            a.emit(I.mov64_imm(reg, localtable.NO_DEV))
 
     def emit_store_mark(self, a: Assembler) -> bool:
         """skb->mark is writable from tc programs."""
@@ -111,6 +120,13 @@ class XdpFlavour(EthernetFlavour):
         a.emit(I.mov64(L.R_CTX, I.R1))
 
     load_helper: ClassVar[Helper] = Helper.xdp_load_bytes
+
+    def emit_dev_ifindex(self, a: Assembler, side: str, reg: int) -> None:
+        """The receiving interface; there is no output device yet."""
+        if side == "in":
+            a.emit(I.ldx(I.W, reg, L.R_CTX, XDP_INGRESS_IFINDEX))
+        else:
+            a.emit(I.mov64_imm(reg, localtable.NO_DEV))
 
     # -- REJECT: the reply is transmitted from the receive queue (XDP_TX) -----------------
 
