@@ -121,7 +121,7 @@ class TableCompiler:
         pred = lower_rule(rule, ctx)
         if any(m.kind in STATE_MATCHES for m in rule.matches):
             try:  # hashlimit/recent tables are configured by the first rule naming them
-                pred = self._state_tables.resolve(pred)
+                pred = self._state_tables.resolve(pred, key)
             except StateError as e:
                 raise CompileError(f"{rule_text(chain, n, rule)}: {e}", rule.origin) from None
         fields, tcp_opts, limits = pred_info(pred)  # perf: one walk, kept for every program

@@ -19,6 +19,7 @@ from ..ir.pred import (
     AllOf,
     AnyOf,
     Cmp,
+    Connlimit,
     Const,
     EtherHeader,
     Field,
@@ -37,6 +38,7 @@ from ..ir.pred import (
     TransportHeader,
 )
 from . import layout as L
+from .connlimit import emit_connlimit
 from .layout import R_PKT
 from .setgen import emit_set_lookup
 from .statematch import StateError, emit_hashlimit, emit_recent
@@ -121,6 +123,8 @@ class PredGen:
                 self._state(emit_hashlimit, pred, fail, hotdrop)
             case Recent():
                 self._state(emit_recent, pred, fail, hotdrop)
+            case Connlimit():
+                self._state(emit_connlimit, pred, fail, hotdrop)
             case _:
                 why = _WHY_NOT.get(type(pred).__name__)
                 raise Unsupported(why or f"{type(pred).__name__} cannot be compiled here")

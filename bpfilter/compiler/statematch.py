@@ -1,4 +1,5 @@
-"""Code for state-table matches: xt_hashlimit buckets and xt_recent lists in LRU hash maps.
+"""Code for state-table matches: xt_hashlimit buckets and xt_recent lists in LRU hash maps
+(xt_connlimit's per-rule lists are resolved and mapped here, their code is in connlimit.py).
 
 A table (hashlimit `--hashlimit-name`, recent `--name`) is one map shared by every rule and
 program of the compiled table that names it. What the kernel fixes when it creates the table
@@ -34,13 +35,14 @@ from ..bpf.insn import AluOp, JmpOp
 from ..bpf.maps import MapSpec
 from ..ir.model import Family, Table
 from ..ir.pred import AllOf, AnyOf, Field, Not, Pred
-from ..ir.state import HashLimit, HashLimitCfg, Recent
+from ..ir.state import Connlimit, HashLimit, HashLimitCfg, Recent
+from ..matches.conntrack import CONNLIMIT_SPARE, MAX_CONNLIMIT
 from ..matches.registry import Context, MatchError
 from ..matches.statelower import lower_hashlimit, lower_recent
 from . import layout as L
 from .layout import R_PKT
 
-STATE_MATCHES = frozenset({"hashlimit", "recent"})
+STATE_MATCHES = frozenset({"hashlimit", "recent", "connlimit"})
 RECENT_ENTRIES = 100  # xt_recent's ip_list_tot: entries per list
 RECENT_HEADER = 16
 HL_VALUE = 16  # {u64 tat, u64 last}
@@ -101,6 +103,8 @@ class StateTables:
     recent_stamps: dict[str, int] = field(default_factory=dict)
     recent_ttl: set[str] = field(default_factory=set)
     recent_hooks: dict[str, set[str]] = field(default_factory=dict)  # built-in chains reaching
+    connlimit: dict[tuple[str, int], str] = field(default_factory=dict)  # (chain, n): list name
+    connlimit_slots: int = 0  # connections a group remembers, summed over the table's rules
 
     @classmethod
     def scan(cls, table: Table, family: Family) -> StateTables:
@@ -111,11 +115,22 @@ class StateTables:
         from .validate import reachable
 
         reach = {c.name: {c.name, *reachable(table, c)} for c in builtins}
+        seen: dict[str, int] = {}
         for chain in table.chains.values():
             hooks = {b for b, names in reach.items() if chain.name in names}
-            for rule in chain.rules:
+            for n, rule in enumerate(chain.rules, 1):
+                if rule.match("connlimit") is not None:  # every rule has lists of its own
+                    from .connlimit import rule_name
+
+                    first = rule_name(table.name, chain.name, rule, 0)
+                    seen[first] = seen.get(first, -1) + 1
+                    out.connlimit[(chain.name, n)] = rule_name(table.name, chain.name, rule,
+                                                               seen[first])
+                    params = rule.match("connlimit").params  # type: ignore[union-attr]
+                    if params.limit <= MAX_CONNLIMIT:  # larger ones are refused on their own
+                        out.connlimit_slots += params.limit + 1 + CONNLIMIT_SPARE
                 for m in rule.matches:
-                    if m.kind not in STATE_MATCHES:
+                    if m.kind not in ("hashlimit", "recent"):
                         continue
                     try:
                         pred = (lower_hashlimit if m.kind == "hashlimit" else lower_recent)(
@@ -137,8 +152,20 @@ class StateTables:
             self.recent_ttl.add(r.name)
         self.recent_hooks.setdefault(r.name, set()).update(hooks)
 
-    def resolve(self, pred: Pred) -> Pred:
-        """`pred` with its state matches completed by their tables' configuration."""
+    def resolve(self, pred: Pred, rule: tuple[str, int] | None = None) -> Pred:
+        """`pred` (of rule `rule`: chain, number) with its state matches completed by their
+        tables' configuration."""
+        if isinstance(pred, Connlimit):
+            from .connlimit import MAX_TABLE_SLOTS
+
+            if rule not in self.connlimit:
+                raise StateError("connlimit outside the rules of its table")
+            if self.connlimit_slots > MAX_TABLE_SLOTS:
+                raise StateError(
+                    f"connlimit: the table's rules remember {self.connlimit_slots} connections "
+                    f"per group together (limit + {1 + CONNLIMIT_SPARE} each), more than the "
+                    f"{MAX_TABLE_SLOTS} the verifier's budget for a program allows")
+            return replace(pred, rule=self.connlimit[rule])
         if isinstance(pred, HashLimit):
             cfg = self.hashlimit.get(pred.name, pred.cfg)
             if cfg.bytes_mode != pred.cfg.bytes_mode:
@@ -157,9 +184,9 @@ class StateTables:
             return replace(pred, mask=self.recent_mask.get(pred.name, pred.mask),
                            nstamps=self.recent_stamps.get(pred.name, 32), ttl_used=ttl_used)
         if isinstance(pred, AllOf | AnyOf):
-            return type(pred)(tuple(self.resolve(p) for p in pred.preds))
+            return type(pred)(tuple(self.resolve(p, rule) for p in pred.preds))
         if isinstance(pred, Not):
-            return Not(self.resolve(pred.pred))
+            return Not(self.resolve(pred.pred, rule))
         return pred
 
 
@@ -176,6 +203,10 @@ def state_maps(pred: Pred) -> dict[Hashable, MapSpec]:
                     MapType.LRU_HASH, 16, size, RECENT_ENTRIES, name="bpfilter_recent"),
                 ("state", "zero", size): MapSpec(MapType.ARRAY, 4, size, 1,
                                                  name="bpfilter_zero")}
+    if isinstance(pred, Connlimit):
+        from .connlimit import connlimit_maps
+
+        return connlimit_maps(pred)
     out: dict[Hashable, MapSpec] = {}
     for sub in getattr(pred, "preds", ()):
         out.update(state_maps(sub))

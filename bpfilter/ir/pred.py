@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from .sets import SetDef
-from .state import HashLimit, Recent
+from .state import Connlimit, HashLimit, Recent
 
 
 class Order(Enum):
@@ -223,7 +223,7 @@ class SetLookup:
 
 
 Pred = (Cmp | Range | Not | AnyOf | AllOf | Const | NonFirstFragment | TransportHeader | Proto
-        | TcpOption | EtherHeader | RateLimit | SetLookup | HashLimit | Recent
+        | TcpOption | EtherHeader | RateLimit | SetLookup | HashLimit | Recent | Connlimit
         | RoutingHeader)
 
 
@@ -279,6 +279,9 @@ def fields_of(pred: Pred) -> set[Field]:
         return {pred.field}
     if isinstance(pred, RoutingHeader):
         return {Field.RHSTATE}
+    if isinstance(pred, Connlimit):  # the packet's own connection: the CT area's tuple
+        return {Field.CTHAS, Field.CTPROTO, Field.CTORIGSRC, Field.CTORIGDST,
+                Field.CTORIGSPORT, Field.CTORIGDPORT}
     if isinstance(pred, Not):
         return fields_of(pred.pred)
     if isinstance(pred, AnyOf | AllOf):

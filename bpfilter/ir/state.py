@@ -60,3 +60,21 @@ class Recent:
     mask: bytes
     nstamps: int = 32
     ttl_used: bool = False
+
+
+@dataclass(frozen=True)
+class Connlimit:
+    """xt_connlimit: the number of connections conntrack holds for the packet's address group
+    (its source, or with `daddr` its destination, under `mask`), the packet's own included,
+    is above `limit` (or, without `above`, up to it). `hook` is the flavour compiled for (nf,
+    tc, xdp: how a remembered connection is found alive); `rule` names the rule's own list of
+    remembered connections (every rule has its own, as every xt_connlimit match does) and
+    `slots` how many connections a group remembers; both are set by the compiler."""
+
+    limit: int
+    above: bool
+    mask: bytes
+    daddr: bool
+    hook: str = "nf"
+    rule: str = ""
+    slots: int = 0

@@ -1,12 +1,13 @@
-"""Connection-tracking matches: conntrack, state, connmark, helper, connlimit (parsed and
-printed; the compiler does not lower them yet)."""
+"""Connection-tracking matches: conntrack, state, connlimit (lowered), connmark and helper
+(parsed and printed; the compiler does not lower them yet)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..ir.model import Family
+from ..ir.model import BUILTIN_CHAINS, Family
 from ..ir.pred import Cmp, Const, Field, Not, Pred, Range, all_of, any_of, negate
+from ..ir.state import Connlimit
 from .kernel import CtState, CtStatus
 from .names import net_text
 from .registry import REGISTRY, Context, MatchEntry, MatchError, Option, Unsupported
@@ -314,6 +315,38 @@ def _save_connlimit(p: ConnlimitMatch, ctx: Context) -> list[str]:
             "--connlimit-daddr" if p.daddr else "--connlimit-saddr"]
 
 
+# The largest limit compiled: a group remembers limit + 1 + CONNLIMIT_SPARE connections, each
+# checked alive by unrolled code whenever the rule is evaluated (see compiler/connlimit.py,
+# which also bounds the sum over a table's rules: MAX_TABLE_SLOTS).
+MAX_CONNLIMIT = 123
+CONNLIMIT_SPARE = 4
+TCP, UDP = 6, 17
+
+
+def _lower_connlimit(p: ConnlimitMatch, ctx: Context) -> Pred:
+    """xt_connlimit as a Connlimit predicate (its list of connections named by the compiler)."""
+    if ctx.table == "raw":
+        raise Unsupported("connlimit in the raw table",
+                          " (conntrack has not seen the packet yet: its connection is unknown)")
+    if p.limit > MAX_CONNLIMIT:
+        raise Unsupported(f"connlimit above {MAX_CONNLIMIT} connections",
+                          " (each remembered connection is checked by unrolled code)")
+    hook = ctx.hook or "nf"
+    if hook in ("tc", "xdp"):
+        if ctx.proto not in (TCP, UDP):
+            raise Unsupported(f"connlimit on {hook} without -p tcp or -p udp",
+                              " (connections are checked with the conntrack lookup kfuncs, "
+                              "which find TCP and UDP entries only)")
+        if ctx.chain not in BUILTIN_CHAINS.get(ctx.table, ()):
+            raise Unsupported(f"connlimit in a user chain on {hook}",
+                              " (the conntrack lookups need the program's context, which user "
+                              "chains do not get)")
+    width = 32 if ctx.family is Family.IPV4 else 128
+    mask = (((1 << width) - 1) ^ ((1 << (width - p.mask)) - 1)).to_bytes(width // 8, "big")
+    return Connlimit(p.limit, p.above, mask, p.daddr, hook,
+                     slots=p.limit + 1 + CONNLIMIT_SPARE)
+
+
 CONNLIMIT = REGISTRY.add_match(MatchEntry(
     "connlimit",
     (Option(("--connlimit-upto",), "connlimit-upto"),
@@ -321,6 +354,6 @@ CONNLIMIT = REGISTRY.add_match(MatchEntry(
      Option(("--connlimit-mask",), "connlimit-mask", invert=False),
      Option(("--connlimit-saddr",), "connlimit-saddr", nargs=0, invert=False),
      Option(("--connlimit-daddr",), "connlimit-daddr", nargs=0, invert=False)),
-    _build_connlimit, _save_connlimit, not_lowered("connlimit"),
+    _build_connlimit, _save_connlimit, _lower_connlimit,
     describe=lambda p, c, n: f"#conn {'dst' if p.daddr else 'src'}/{p.mask} "
     f"{'>' if p.above else '<='} {p.limit}"))

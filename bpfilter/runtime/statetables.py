@@ -5,7 +5,9 @@ that names it again keeps its buckets and lists, and every table of the family (
 mangle, ...) sees the same one. Here the map of a table is pinned under its name and reused by
 the next restore when its shape (key, value, size) is unchanged; a table no rule names any
 more is unpinned after the switch. (The kernel also keeps the old configuration of a hashlimit
-table a restore changes; here the new one applies to the kept buckets.)
+table a restore changes; here the new one applies to the kept buckets.) connlimit's per-rule
+lists are kept the same way, under a name made of the rule (compiler/connlimit.py): the kernel
+starts them afresh at every restore.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ class StateSync:
         for ct in compiled:
             for k, spec in ct.maps.items():
                 if isinstance(k, tuple) and len(k) == 3 and k[0] == "state" and k[1] in (
-                        "hashlimit", "recent"):
+                        "hashlimit", "recent", "connlimit"):
                     # A name two tables configure differently stays a map per table.
                     specs[k] = spec if specs.get(k, spec) == spec else None
         try:

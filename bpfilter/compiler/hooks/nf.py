@@ -35,6 +35,9 @@ PACKET_LOOPBACK = 5
 ARPHRD_ETHER = 1
 ETH_HLEN = 14
 PACKET_BROADCAST, PACKET_MULTICAST = 1, 2
+# skb->_nfct as read for the CT area, kept for connlimit (which remembers the entry's pointer):
+# the parser's scratch bytes, free once the packet is parsed.
+NF_CTPTR = 176
 
 
 @dataclass
@@ -148,6 +151,7 @@ class NetfilterFlavour(Flavour):
         btf = vmlinux()
         a.emit(I.ldx(I.DW, I.R1, L.R_CTX, btf.member_offset("bpf_nf_ctx", "skb").offset))
         a.emit(I.ldx(I.DW, I.R7, I.R1, btf.member_offset("sk_buff", "_nfct").offset))
+        a.emit(I.stx(I.DW, L.R_PKT, I.R7, NF_CTPTR))
         ctread.emit_from_nfct(a, fields)
 
     def _emit_smac(self, a: Assembler) -> None:

@@ -1,0 +1,390 @@
+"""Code for -m connlimit: xt_connlimit's count of a group's connections, as nf_conncount keeps it.
+
+The kernel keeps, per rule, a list of remembered connection tuples for every address group (the
+packet's source or destination address under the rule's mask). When the rule is evaluated it
+walks the group's list, forgets the connections conntrack no longer holds (not found, or TCP in
+TIME_WAIT or CLOSE), adds the packet's own connection when it is not listed yet, and compares
+the list's length with the limit. A packet without a conntrack entry (untracked, invalid) is
+counted by its own tuple; when even that cannot be taken the packet is hotdropped.
+
+Here a rule's lists are one LRU hash map (key: the masked address; value: a lock word and a
+bounded array of remembered connections), pinned under a name made of the rule itself (table,
+chain, matches, target), so a restore that keeps the rule keeps its connections counted (the
+kernel starts every rule's lists afresh at each restore, forgetting open connections). Every
+slot holds the connection's original tuple, the CPU and jiffies it was added at, and on the
+netfilter hook the `struct nf_conn` pointer. Whether a remembered connection is still alive is
+asked where the kernel asks it, at each evaluation:
+
+- tc and XDP: `bpf_skb_ct_lookup` / `bpf_xdp_ct_lookup` with the remembered tuple (the kernel's
+  own `nf_conntrack_find_get`); these find TCP and UDP only, which is why such rules must say
+  `-p tcp` or `-p udp` there.
+- netfilter programs cannot call those kfuncs; the pointer is read with probes instead. nf_conn
+  objects are SLAB_TYPESAFE_BY_RCU: a freed one has a zero reference count and a reused one
+  another tuple, so the entry is the remembered connection when its reference count is not zero,
+  its original tuple is the remembered one, it is confirmed, not dying and not expired (what
+  the kernel's lookup checks).
+
+As in find_or_evict, a connection not found is kept (and counted) while it may still be about to
+be confirmed: added less than two jiffies ago by another CPU. A group remembers `slots`
+connections (limit + 1 + a few spare): enough to tell the comparison's answer; a connection
+arriving while all of them are alive is counted but not remembered, so once the remembered ones
+close it is not counted any more (the kernel's list has no bound). Slots are numbered in the
+order they were filled, the kernel's list order: it walks oldest first and stops at the packet's
+own connection when conntrack still has it, counting the connections added after it unchecked
+(dead ones included), which is followed here. Not followed: the kernel stops checking after
+evicting more than eight connections in one walk, and within the jiffy of its last addition to
+a list it skips the walk altogether and adds the packet's connection unseen (dead connections
+stay counted, and a connection evaluated twice in that jiffy is listed twice).
+
+A group is updated under its lock word as recent's entries are (a CPU that cannot take it after
+a few tries goes on without it). The map holds MAP_BYTES worth of groups; when full, it evicts
+the least recently evaluated group, whose connections are then forgotten (the kernel's tree
+has no bound). The slots are checked by unrolled code (tc/XDP need the program's context for
+the lookups, which user chains do not get: refused there), so the remembered connections of a
+table's rules are bounded together by MAX_TABLE_SLOTS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Hashable
+
+from ..bpf import insn as I
+from ..bpf.asm import Assembler, Label
+from ..bpf.btf import vmlinux
+from ..bpf.consts import HELPER_NAMES, Helper, MapType
+from ..bpf.insn import AluOp, JmpOp
+from ..bpf.maps import MapSpec
+from ..ir.model import Family, Rule
+from ..ir.state import Connlimit
+from . import layout as L
+from .hooks import ctread
+from .hooks.nf import NF_CTPTR
+from .layout import R_CTX, R_PKT
+from .statematch import NOEXIST, _copy_addr, _lock, _unlock, map_key
+
+JIFFIES64 = HELPER_NAMES.index("jiffies64")
+TCP, UDP, ICMP, ICMPV6 = 6, 17, 1, 58
+PORTED = (6, 17, 33, 132, 136)  # TCP, UDP, DCCP, SCTP, UDP-Lite: 4 bytes of ports or hotdrop
+TCP_TIME_WAIT, TCP_CLOSE = 7, 8  # enum tcp_conntrack: what already_closed() ditches
+IPS_CONFIRMED, IPS_DYING = 1 << 3, 1 << 9
+PENDING_JIFFIES = 2  # find_or_evict keeps another CPU's unconfirmed entry this long
+# A group's value: {u32 lock, u32 next order} and `slots` of {src[16], dst[16], sport, dport,
+# u8 proto, u8 used, u16 cpu, u32 order, u32 jiffies, u64 nf_conn}; `order` numbers the slots in
+# the order they were filled, the kernel's list order.
+HEADER, SLOT = 8, 56
+H_ORDER = 4
+S_SRC, S_DST, S_PORTS, S_PROTO, S_USED, S_CPU, S_ORDER, S_JIF, S_PTR = (
+    0, 16, 32, 36, 37, 38, 40, 44, 48)
+MAP_BYTES = 4 << 20  # a rule's map is preallocated: this much memory at most
+# Remembered connections per group, summed over a table's connlimit rules: each slot costs the
+# verifier about 2,300 steps (IPv6, tc), and a program may take 1,000,000.
+MAX_TABLE_SLOTS = 256
+MIN_GROUPS, MAX_GROUPS = 256, 65536
+# Scratch in the packet struct's key buffer (free while a predicate runs; LOCKED at +96 is the
+# lock helpers' flag).
+KEY = L.KEYBUF  # the masked address
+PROBE = L.KEYBUF + 16  # nf: 72 bytes of nf_conn read at once; tc/XDP: the lookup tuple
+OPTS = L.KEYBUF + 56  # tc/XDP: struct bpf_ct_opts
+STATUS = L.KEYBUF + 88  # nf: the status word, then the TCP state
+COUNT = L.KEYBUF + 92  # u16: connections counted
+FOUND = L.KEYBUF + 94  # u8: the packet's own connection is remembered and still there
+CPU = L.KEYBUF + 100  # u32: this CPU
+JIFFIES = L.KEYBUF + 104  # u32: jiffies now
+OWN_ORDER = L.KEYBUF + 108  # u32: the order of the packet's own remembered connection
+# The CT area's original tuple: the packet's own connection.
+OWN_SRC, OWN_DST, OWN_PORTS, OWN_PROTO = L.CTORIGSRC, L.CTORIGDST, L.CTORIGSPORT, L.CTPROTO
+
+
+def rule_name(table: str, chain: str, rule: Rule, nth: int) -> str:
+    """The name of a rule's connection lists: the same rule (the `nth` such in its chain) in the
+    next restore finds them again."""
+    target = None if rule.target is None else (rule.target.kind, rule.target.params)
+    text = repr((table, chain, [(m.kind, m.params) for m in rule.matches], target, nth))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def value_size(p: Connlimit) -> int:
+    """Bytes of one group's value."""
+    return HEADER + SLOT * p.slots
+
+
+def connlimit_maps(p: Connlimit) -> dict[Hashable, MapSpec]:
+    """The rule's map of groups, and the zero value new groups are made from."""
+    size = value_size(p)
+    groups = max(MIN_GROUPS, min(MAX_GROUPS, MAP_BYTES // size))
+    return {map_key("connlimit", p.rule): MapSpec(MapType.LRU_HASH, 16, size, groups,
+                                                  name="bpfilter_connl"),
+            ("state", "zero", size): MapSpec(MapType.ARRAY, 4, size, 1, name="bpfilter_zero")}
+
+
+def emit_connlimit(a: Assembler, family: Family, p: Connlimit, fail: Label,
+                   hotdrop: Label) -> None:
+    """Fall through when the group's count (the packet's connection included) is above the
+    limit (without `above`: up to it), updating the group's remembered connections."""
+    mkey = map_key("connlimit", p.rule)
+    a.emit(I.st(I.DW, R_PKT, KEY, 0), I.st(I.DW, R_PKT, KEY + 8, 0))
+    bits = sum(bin(b).count("1") for b in p.mask)
+    _copy_addr(a, family, not p.daddr, bits, KEY)
+    has = a.label("cl_has")
+    a.emit(I.ldx(I.B, I.R1, R_PKT, L.CTHAS))
+    a.jump(JmpOp.JNE, I.R1, 0, has)
+    _tuple_from_packet(a, family, hotdrop)
+    a.place(has)
+    a.emit(I.call_helper(JIFFIES64), I.stx(I.W, R_PKT, I.R0, JIFFIES))
+    a.emit(I.call_helper(Helper.get_smp_processor_id), I.stx(I.W, R_PKT, I.R0, CPU))
+    found = a.label("cl_group")
+    _lookup(a, mkey)
+    a.jump(JmpOp.JNE, I.R0, 0, found)
+    a.ld_map(I.R1, mkey)
+    a.emit(I.mov64(I.R2, R_PKT), I.alu64(AluOp.ADD, I.R2, KEY, reg=False))
+    a.ld_map_value(I.R3, ("state", "zero", value_size(p)), 0)
+    a.emit(I.mov64_imm(I.R4, NOEXIST), I.call_helper(Helper.map_update_elem))
+    _lookup(a, mkey)
+    a.jump(JmpOp.JEQ, I.R0, 0, hotdrop)  # the kernel drops what it cannot count
+    a.place(found)
+    # r8: the group, kept across helper and kfunc calls (r6-r9 are callee-saved; r7 and r8 are
+    # not live while a rule's predicate runs); r7: the conntrack entry being checked.
+    a.emit(I.mov64(I.R8, I.R0), I.mov64(I.R2, I.R8))
+    _lock(a)
+    # COUNT and FOUND start from a zero the verifier cannot see through (the order word minus
+    # itself): as known constants they would keep it from merging the paths through the slots.
+    a.emit(I.ldx(I.W, I.R1, I.R8, H_ORDER), I.stx(I.W, R_PKT, I.R1, OWN_ORDER))
+    a.emit(I.alu64(AluOp.SUB, I.R1, I.R1, reg=True), I.stx(I.W, R_PKT, I.R1, COUNT))
+    check = _check_nf if p.hook == "nf" else _check_lookup
+    # The kernel walks the list oldest first and stops at the packet's own connection when
+    # conntrack still has it: the connections added after it are counted unchecked. So find
+    # and check it first (OWN_ORDER: its order, else the next one: every slot is older), then
+    # count the others.
+    walk = a.label("cl_walk")
+    for i in range(p.slots):
+        base, nxt = HEADER + SLOT * i, a.label("cl_own_next")
+        a.emit(I.ldx(I.B, I.R1, I.R8, base + S_USED))
+        a.jump(JmpOp.JEQ, I.R1, 0, nxt)
+        _if_own(a, family, base, nxt)
+        check(a, family, p, base, nxt, own=True)
+        a.emit(I.ldx(I.W, I.R1, I.R8, base + S_ORDER), I.stx(I.W, R_PKT, I.R1, OWN_ORDER))
+        a.emit(I.mov64(I.R2, I.R1), I.alu64(AluOp.SUB, I.R2, I.R1, reg=True),
+               I.alu64(AluOp.ADD, I.R2, 1, reg=False), I.stx(I.B, R_PKT, I.R2, FOUND))
+        a.goto(walk)
+        a.place(nxt)
+    a.place(walk)
+    for i in range(p.slots):
+        base, nxt, count = HEADER + SLOT * i, a.label("cl_next"), a.label("cl_count")
+        a.emit(I.ldx(I.B, I.R1, I.R8, base + S_USED))
+        a.jump(JmpOp.JEQ, I.R1, 0, nxt)
+        a.emit(I.ldx(I.W, I.R1, I.R8, base + S_ORDER), I.ldx(I.W, I.R2, R_PKT, OWN_ORDER))
+        a.emit(I.alu32(AluOp.SUB, I.R1, I.R2, reg=True))
+        a.jump(JmpOp.JSGE, I.R1, 0, count, wide=True)  # the own one, or added after it
+        check(a, family, p, base, nxt)
+        a.place(count)
+        a.emit(I.ldx(I.H, I.R1, R_PKT, COUNT), I.alu64(AluOp.ADD, I.R1, 1, reg=False),
+               I.stx(I.H, R_PKT, I.R1, COUNT))
+        a.place(nxt)
+    counted = a.label("cl_counted")
+    a.emit(I.ldx(I.B, I.R1, R_PKT, FOUND))
+    a.jump(JmpOp.JNE, I.R1, 0, counted)
+    a.emit(I.ldx(I.H, I.R1, R_PKT, COUNT), I.alu64(AluOp.ADD, I.R1, 1, reg=False),
+           I.stx(I.H, R_PKT, I.R1, COUNT))
+    a.emit(I.ldx(I.B, I.R1, R_PKT, L.CTHAS))
+    a.jump(JmpOp.JEQ, I.R1, 0, counted)  # no entry: counted, not remembered
+    for i in range(p.slots):
+        _remember(a, family, p, HEADER + SLOT * i, counted)
+    a.place(counted)  # a full group: the connection is counted, not remembered
+    a.emit(I.mov64(I.R2, I.R8))
+    _unlock(a)
+    a.emit(I.ldx(I.H, I.R1, R_PKT, COUNT))
+    a.jump(JmpOp.JLE if p.above else JmpOp.JGT, I.R1, p.limit, fail)
+
+
+def _lookup(a: Assembler, mkey: Hashable) -> None:
+    """r0 = the group of the key at KEY (or 0)."""
+    a.ld_map(I.R1, mkey)
+    a.emit(I.mov64(I.R2, R_PKT), I.alu64(AluOp.ADD, I.R2, KEY, reg=False))
+    a.emit(I.call_helper(Helper.map_lookup_elem))
+
+
+def _tuple_from_packet(a: Assembler, family: Family, hotdrop: Label) -> None:
+    """No conntrack entry: the CT area's original tuple from the packet, as nf_ct_get_tuplepr
+    takes it (hotdrop when the ports or the ICMP header it needs are missing)."""
+    v4 = family is Family.IPV4
+    s_off, d_off, alen = (L.L3 + 12, L.L3 + 16, 4) if v4 else (L.L3 + 8, L.L3 + 24, 16)
+    for o in range(0, 16, 4):
+        for to, frm in ((OWN_SRC, s_off), (OWN_DST, d_off)):
+            if o < alen:
+                a.emit(I.ldx(I.W, I.R1, R_PKT, frm + o), I.stx(I.W, R_PKT, I.R1, to + o))
+            else:
+                a.emit(I.st(I.W, R_PKT, to + o, 0))
+    a.emit(I.ldx(I.B, I.R1, R_PKT, L.L4PROTO), I.stx(I.B, R_PKT, I.R1, OWN_PROTO))
+    a.emit(I.st(I.W, R_PKT, OWN_PORTS, 0))
+    done, ported, icmp = a.label("clt_done"), a.label("clt_ports"), a.label("clt_icmp")
+    a.emit(I.ldx(I.H, I.R2, R_PKT, L.FRAGOFF))
+    a.jump(JmpOp.JNE, I.R2, 0, done)  # a later fragment (tc, XDP): no ports to take
+    for proto in PORTED:
+        a.jump(JmpOp.JEQ, I.R1, proto, ported)
+    a.jump(JmpOp.JEQ, I.R1, ICMP if v4 else ICMPV6, icmp)
+    a.goto(done)
+    a.place(ported)
+    a.emit(I.ldx(I.B, I.R1, R_PKT, L.L4AVAIL))
+    a.jump(JmpOp.JLT, I.R1, 4, hotdrop)
+    a.emit(I.ldx(I.W, I.R1, R_PKT, L.L4), I.stx(I.W, R_PKT, I.R1, OWN_PORTS))
+    a.goto(done)
+    a.place(icmp)
+    # The echo identifier as the source "port", type and code as the destination's.
+    a.emit(I.ldx(I.B, I.R1, R_PKT, L.L4AVAIL))
+    a.jump(JmpOp.JLT, I.R1, 8, hotdrop)
+    a.emit(I.ldx(I.H, I.R1, R_PKT, L.L4 + 4), I.stx(I.H, R_PKT, I.R1, OWN_PORTS))
+    a.emit(I.ldx(I.H, I.R1, R_PKT, L.L4), I.stx(I.H, R_PKT, I.R1, OWN_PORTS + 2))
+    a.place(done)
+
+
+def _not_found(a: Assembler, base: int, alive: Label, evict: Label) -> None:
+    """find_or_evict for a connection conntrack does not hold: kept (to `alive`) when another
+    CPU added it less than two jiffies ago (it may be about to be confirmed), else evicted."""
+    a.emit(I.ldx(I.H, I.R1, I.R8, base + S_CPU), I.ldx(I.H, I.R2, R_PKT, CPU))
+    a.jump(JmpOp.JEQ, I.R1, I.R2, evict, reg=True, wide=True)
+    a.emit(I.ldx(I.W, I.R1, R_PKT, JIFFIES), I.ldx(I.W, I.R2, I.R8, base + S_JIF))
+    a.emit(I.alu32(AluOp.SUB, I.R1, I.R2, reg=True))
+    a.jump(JmpOp.JGE, I.R1, PENDING_JIFFIES, evict, wide=True)
+    a.goto(alive)
+
+
+def _check_lookup(a: Assembler, family: Family, p: Connlimit, base: int, nxt: Label, *,
+                  own: bool = False) -> None:
+    """tc/XDP: fall through when used slot `base` holds a connection to count, or evict it and
+    go to `nxt`. The packet's `own` connection is kept in TIME_WAIT and CLOSE too (the kernel
+    compares the tuple before asking whether it is closed)."""
+    btf = vmlinux()
+    kfunc = btf.func_id("bpf_xdp_ct_lookup" if p.hook == "xdp" else "bpf_skb_ct_lookup")
+    release = btf.func_id("bpf_ct_release")
+    alive, evict, missing = a.label("cl_alive"), a.label("cl_evict"), a.label("cl_missing")
+    # struct bpf_sock_tuple: IPv4 {saddr, daddr, sport, dport}; IPv6 the slot's own layout.
+    if family is Family.IPV4:
+        moves, size = ((S_SRC, 0), (S_DST, 4), (S_PORTS, 8)), 12
+    else:
+        moves, size = (*((o, o) for o in range(0, 32, 4)), (S_PORTS, 32)), 36
+    for frm, to in moves:
+        a.emit(I.ldx(I.W, I.R1, I.R8, base + frm), I.stx(I.W, R_PKT, I.R1, PROBE + to))
+    a.emit(I.st(I.W, R_PKT, OPTS, -1), I.st(I.W, R_PKT, OPTS + 4, 0))  # this netns; no error
+    a.emit(I.ldx(I.B, I.R1, I.R8, base + S_PROTO), I.stx(I.W, R_PKT, I.R1, OPTS + 8))
+    a.emit(I.mov64(I.R1, R_CTX))
+    a.emit(I.mov64(I.R2, R_PKT), I.alu64(AluOp.ADD, I.R2, PROBE, reg=False))
+    a.emit(I.mov64_imm(I.R3, size))
+    a.emit(I.mov64(I.R4, R_PKT), I.alu64(AluOp.ADD, I.R4, OPTS, reg=False))
+    a.emit(I.mov64_imm(I.R5, 12), I.call_kfunc(kfunc))  # NF_BPF_CT_OPTS_OLD_SZ
+    a.jump(JmpOp.JEQ, I.R0, 0, missing)
+    a.emit(I.mov64(I.R7, I.R0))
+    if not own:
+        kept = a.label("cl_kept")
+        a.emit(I.ldx(I.B, I.R1, I.R8, base + S_PROTO))
+        a.jump(JmpOp.JNE, I.R1, TCP, kept)
+        ctread.probe(a, STATUS, 1, btf.member_offset("nf_conn", "proto.tcp.state").offset)
+        a.emit(I.ldx(I.B, I.R1, R_PKT, STATUS))
+        a.jump(JmpOp.JLT, I.R1, TCP_TIME_WAIT, kept)
+        a.jump(JmpOp.JGT, I.R1, TCP_CLOSE, kept)
+        a.emit(I.mov64(I.R1, I.R7), I.call_kfunc(release))
+        a.goto(evict)  # already_closed()
+        a.place(kept)
+    a.emit(I.mov64(I.R1, I.R7), I.call_kfunc(release))
+    a.goto(alive)
+    a.place(missing)
+    _not_found(a, base, alive, evict)
+    a.place(evict)
+    a.emit(I.st(I.B, I.R8, base + S_USED, 0))
+    a.goto(nxt)
+    a.place(alive)
+
+
+def _check_nf(a: Assembler, family: Family, p: Connlimit, base: int, nxt: Label, *,
+              own: bool = False) -> None:
+    """Netfilter: as _check_lookup, with the remembered nf_conn read by probes."""
+    btf = vmlinux()
+    use = btf.member_offset("nf_conn", "ct_general.use").offset
+    timeout = btf.member_offset("nf_conn", "timeout").offset
+    tup = (btf.member_offset("nf_conn", "tuplehash").offset
+           + btf.member_offset("nf_conntrack_tuple_hash", "tuple").offset)
+    m = {k: tup + btf.member_offset("nf_conntrack_tuple", k).offset
+         for k in ("src.u3", "src.u", "dst.u3", "dst.u", "dst.protonum")}
+    span = m["dst.protonum"] + 1
+    if max(use, timeout) + 4 > span or span > STATUS - PROBE:
+        raise ValueError("struct nf_conn is laid out unlike any kernel pybpfilter knows")
+    alive, evict, missing = a.label("cl_alive"), a.label("cl_evict"), a.label("cl_missing")
+    a.emit(I.ldx(I.DW, I.R7, I.R8, base + S_PTR))
+    a.jump(JmpOp.JEQ, I.R7, 0, missing)
+    ctread.probe(a, PROBE, span, 0)
+    a.jump(JmpOp.JNE, I.R0, 0, missing)
+    a.emit(I.ldx(I.W, I.R1, R_PKT, PROBE + use))
+    a.jump(JmpOp.JEQ, I.R1, 0, missing)  # freed
+    # Still (or again) the remembered connection: its original tuple.
+    alen = family.addr_len
+    pairs = [(m["src.u3"] + o, S_SRC + o, I.W) for o in range(0, alen, 4)]
+    pairs += [(m["dst.u3"] + o, S_DST + o, I.W) for o in range(0, alen, 4)]
+    pairs += [(m["src.u"], S_PORTS, I.H), (m["dst.u"], S_PORTS + 2, I.H),
+              (m["dst.protonum"], S_PROTO, I.B)]
+    for at, slot, size in pairs:
+        a.emit(I.ldx(size, I.R1, R_PKT, PROBE + at), I.ldx(size, I.R2, I.R8, base + slot))
+        a.jump(JmpOp.JNE, I.R1, I.R2, missing, reg=True)
+    ctread.probe(a, STATUS, 4, btf.member_offset("nf_conn", "status").offset)
+    a.jump(JmpOp.JNE, I.R0, 0, missing)
+    a.emit(I.ldx(I.W, I.R1, R_PKT, STATUS))
+    a.jump(JmpOp.JSET, I.R1, IPS_DYING, missing)
+    confirmed = a.label("cl_confirmed")
+    a.jump(JmpOp.JSET, I.R1, IPS_CONFIRMED, confirmed)
+    a.goto(missing)  # not in conntrack's table (yet)
+    a.place(confirmed)
+    # nf_ct_is_expired: (s32)(timeout - jiffies) <= 0; the lookup treats it as gone.
+    a.emit(I.ldx(I.W, I.R1, R_PKT, PROBE + timeout), I.ldx(I.W, I.R2, R_PKT, JIFFIES))
+    a.emit(I.alu32(AluOp.SUB, I.R1, I.R2, reg=True))
+    a.jump(JmpOp.JSLE, I.R1, 0, missing, wide=True)
+    if own:
+        a.goto(alive)
+    else:
+        a.emit(I.ldx(I.B, I.R1, I.R8, base + S_PROTO))
+        a.jump(JmpOp.JNE, I.R1, TCP, alive)
+        ctread.probe(a, STATUS, 1, btf.member_offset("nf_conn", "proto.tcp.state").offset)
+        a.emit(I.ldx(I.B, I.R1, R_PKT, STATUS))
+        a.jump(JmpOp.JLT, I.R1, TCP_TIME_WAIT, alive)
+        a.jump(JmpOp.JGT, I.R1, TCP_CLOSE, alive)
+        a.goto(evict)  # already_closed()
+    a.place(missing)
+    _not_found(a, base, alive, evict)
+    a.place(evict)
+    a.emit(I.st(I.B, I.R8, base + S_USED, 0))
+    a.goto(nxt)
+    a.place(alive)
+
+
+def _if_own(a: Assembler, family: Family, base: int, nxt: Label) -> None:
+    """Fall through when slot `base` remembers the packet's own connection, else go to `nxt`."""
+    pairs = [(S_SRC + o, OWN_SRC + o) for o in range(0, family.addr_len, 4)]
+    pairs += [(S_DST + o, OWN_DST + o) for o in range(0, family.addr_len, 4)]
+    for slot, own in [*pairs, (S_PORTS, OWN_PORTS)]:
+        a.emit(I.ldx(I.W, I.R1, I.R8, base + slot), I.ldx(I.W, I.R2, R_PKT, own))
+        a.jump(JmpOp.JNE, I.R1, I.R2, nxt, reg=True)
+    a.emit(I.ldx(I.B, I.R1, I.R8, base + S_PROTO), I.ldx(I.B, I.R2, R_PKT, OWN_PROTO))
+    a.jump(JmpOp.JNE, I.R1, I.R2, nxt, reg=True)
+
+
+def _remember(a: Assembler, family: Family, p: Connlimit, base: int, done: Label) -> None:
+    """If slot `base` is free, remember the packet's own connection there and go to `done`."""
+    skip = a.label("cl_taken")
+    a.emit(I.ldx(I.B, I.R1, I.R8, base + S_USED))
+    a.jump(JmpOp.JNE, I.R1, 0, skip)
+    for o in range(0, 16, 4):
+        a.emit(I.ldx(I.W, I.R1, R_PKT, OWN_SRC + o), I.stx(I.W, I.R8, I.R1, base + S_SRC + o))
+        a.emit(I.ldx(I.W, I.R1, R_PKT, OWN_DST + o), I.stx(I.W, I.R8, I.R1, base + S_DST + o))
+    a.emit(I.ldx(I.W, I.R1, R_PKT, OWN_PORTS), I.stx(I.W, I.R8, I.R1, base + S_PORTS))
+    a.emit(I.ldx(I.B, I.R1, R_PKT, OWN_PROTO), I.stx(I.B, I.R8, I.R1, base + S_PROTO))
+    a.emit(I.ldx(I.H, I.R1, R_PKT, CPU), I.stx(I.H, I.R8, I.R1, base + S_CPU))
+    a.emit(I.ldx(I.W, I.R1, I.R8, H_ORDER), I.stx(I.W, I.R8, I.R1, base + S_ORDER))
+    a.emit(I.alu32(AluOp.ADD, I.R1, 1, reg=False), I.stx(I.W, I.R8, I.R1, H_ORDER))
+    a.emit(I.ldx(I.W, I.R1, R_PKT, JIFFIES), I.stx(I.W, I.R8, I.R1, base + S_JIF))
+    if p.hook == "nf":  # skb->_nfct: the entry, with the ctinfo in its low bits
+        a.emit(I.ldx(I.DW, I.R1, R_PKT, NF_CTPTR),
+               I.alu64(AluOp.AND, I.R1, ~ctread.NFCT_INFOMASK, reg=False))
+        a.emit(I.stx(I.DW, I.R8, I.R1, base + S_PTR))
+    else:
+        a.emit(I.st(I.DW, I.R8, base + S_PTR, 0))
+    a.emit(I.st(I.B, I.R8, base + S_USED, 1))
+    a.goto(done)
+    a.place(skip)
