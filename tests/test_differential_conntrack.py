@@ -185,6 +185,35 @@ CASES = [
     CtCase("icmp-echo-out", (("icmp", 1, 1, E, E, True),),
            (S("send"), S("echo-reply"), S("echo-reply"), S("send"), S("echo-reply")),
            "EST EST EST"),
+    # Only requests open an ICMP entry: an answer nobody asked for is INVALID, before and
+    # after the receiver pinged with another identifier.
+    CtCase("icmp-echo-reply-unsolicited", (("icmp", 0, 0, E, E), ("icmp", 0, 0, E + 1, E + 1,
+                                                                    True)),
+           (S("echo-reply", 0), S("send", 1), S("echo-reply", 1), S("echo-reply", 0)),
+           "INV EST INV"),
+    # A repeated request is ESTABLISHED once the receiver answered; the second peer's requests
+    # are dropped (NEW from it is refused), so its flow never gets an entry.
+    CtCase("icmp-echo-in-repeated-and-unanswered", (("icmp", 0, 0, E, E), ("icmp", 1, 0, E + 1,
+                                                                           E + 1)),
+           (S("echo", 0), S("echo", 0), S("echo", 0), S("echo", 1), S("echo", 1),
+            S("echo-reply", 1)),
+           "NEW EST EST NEW NEW INV"),
+    CtCase("icmp-errors-quoting-own-echo", (("icmp", 0, 0, E, E, True),),
+           (S("send"), S("icmp-error"), S("icmp-error", code=1), S("icmp-error", wrong_dst=True),
+            S("icmp-error", about="stranger")),
+           "REL REL INV INV"),
+    # An error about the receiver's echo reply: the inverse of the quoted packet is the
+    # incoming request's own tuple (RELATED in the original direction).
+    CtCase("icmp-error-quoting-own-echo-reply", (("icmp", 0, 0, E, E),),
+           (S("echo"), S("icmp-error")), "NEW REL"),
+    # Replacing the ruleset keeps every flow's state (the kernel's entries; tc and XDP: the
+    # ICMP query entries the egress recorder remembered).
+    CtCase("flows-across-a-ruleset-replace", (("icmp", 0, 0, E, E, True), ("icmp", 0, 0, E + 1,
+                                                                         E + 1),
+                                              ("udp", 0, 0, 53, E + 2, True)),
+           (S("send", 0), S("echo", 1), S("send", 2), S("reload"), S("echo-reply", 0),
+            S("echo", 1), S("udp", 2)),
+           "NEW EST EST EST"),
     CtCase("icmp-errors-quoting-own-flows", (("udp", 0, 0, 53, E, True),
                                              ("tcp", 0, 0, 80, E + 1, True)),
            (S("send", 0), S("icmp-error", 0), S("icmp-error", 0, code=1), S("connect", 1),
@@ -285,18 +314,25 @@ WAIT = 1.4  # past the one-second timeouts, with room for a slow machine
 
 @pytest.mark.parametrize("fam", [V4, V6], ids=["ipv4", "ipv6"])
 def test_expired_entries(rig: CtRig, fam: Family) -> None:
-    """With one-second timeouts, a reply after the entry expired is no longer ESTABLISHED:
-    UDP and TCP start over (NEW, TCP by loose pickup), an echo reply is INVALID."""
+    """With one-second timeouts, a reply after the entry expired is no longer ESTABLISHED."""
+    check_expired_entries(rig, fam)
+
+
+def check_expired_entries(rig: CtRig, fam: Family) -> None:
+    """UDP and TCP start over (NEW, TCP by loose pickup), an echo reply and an error quoting the
+    receiver's echo are INVALID, a repeated echo request is NEW again."""
     text = probe_rules(fam)
     rig.load(text, fam)
     diff = StatefulDifferential(rig)
     flows = (Flow("udp", PEERS[fam][0], LOCALS[fam][0], 53, E, True),
              Flow("icmp", PEERS[fam][0], LOCALS[fam][0], E + 1, E + 1, True),
              Flow("tcp", PEERS[fam][0], LOCALS[fam][0], E + 2, 22),
-             Flow("udp", PEERS[fam][0], LOCALS[fam][2], 53, E + 3, True))
+             Flow("udp", PEERS[fam][0], LOCALS[fam][2], 53, E + 3, True),
+             Flow("icmp", PEERS[fam][0], LOCALS[fam][0], E + 4, E + 4))
     steps = (S("send", 0), S("udp", 0), S("send", 1), T(2, "S"), T(2, "A"),
-             T(2, "PA", size=3), Step("wait", seconds=WAIT),
-             S("udp", 0), S("echo-reply", 1), T(2, "PA", size=3), S("send", 3), S("udp", 3))
+             T(2, "PA", size=3), S("echo", 4), S("echo", 4), Step("wait", seconds=WAIT),
+             S("udp", 0), S("echo-reply", 1), S("icmp-error", 1), S("echo", 4),
+             T(2, "PA", size=3), S("send", 3), S("udp", 3))
     keys = [f"net.netfilter.nf_conntrack_{k}" for k in SHORT_TIMEOUTS]
     old = {k: rig.sysctl(k) for k in keys}
     try:
@@ -308,7 +344,7 @@ def test_expired_entries(rig: CtRig, fam: Family) -> None:
         for k, v in old.items():
             rig.set_sysctl(k, int(v))
     got = " ".join(_state_of(s.deltas) for s in seen)
-    assert got == "EST NEW EST EST NEW INV NEW EST", got
+    assert got == "EST NEW EST EST NEW EST NEW INV INV NEW NEW EST", got
 
 
 # -- limit --------------------------------------------------------------------------------------

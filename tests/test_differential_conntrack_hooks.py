@@ -10,15 +10,25 @@ starts agreeing is noticed).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
+from oracle.compare import parse_ruleset
 from oracle.ctcompare import StatefulDifferential
 from oracle.ctrig import CtRig
 from oracle.rules import spec_from_text
 from oracle.twin import private_bpffs, require_twin_tools
-from test_differential_conntrack import CASES, CtCase, Probe, _scenario, probe_rules
+from test_differential_conntrack import (
+    CASES,
+    CtCase,
+    Probe,
+    _scenario,
+    check_expired_entries,
+    probe_rules,
+)
 
+from bpfilter.bpf.link import Link
 from bpfilter.ir.model import Family
 
 pytestmark = [pytest.mark.kernel]
@@ -30,7 +40,6 @@ RESIDUAL = {
     "udp-own-request-and-replies": "checksums are not verified (conntrack: INVALID)",
     "udp-closed-port-and-notrack": "raw-table NOTRACK is not seen",
     "udp-tftp-expectation-is-related": "helper expectations are not looked up",
-    "icmp-echo-in": "ICMP queries cannot be looked up (the kfuncs take TCP and UDP only)",
 }
 
 
@@ -62,3 +71,39 @@ def _marked(case: CtCase):
 def test_corpus_before_conntrack(hook_probe: Probe, case: CtCase) -> None:
     """pybpfilter on tc ingress / XDP agrees with iptables INPUT on every frame."""
     hook_probe.run(_scenario(case, hook_probe.family))
+
+
+@pytest.mark.parametrize("fam", [Family.IPV4, Family.IPV6], ids=["ipv4", "ipv6"])
+def test_expired_entries_before_conntrack(hook_rig: CtRig, fam: Family) -> None:
+    """With one-second timeouts, tc ingress / XDP see entries expire as netfilter does (the
+    kfuncs' lookup, and the ICMP query entries' timeout read by ctquery)."""
+    check_expired_entries(hook_rig, fam)
+
+
+PLAIN = "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n"
+
+
+def test_recorder_follows_the_rulesets(hook_rig: CtRig) -> None:
+    """The ICMP query recorder is attached at tcx egress while a family's ruleset reads
+    conntrack, swapped in place by a restore, and detached when no family needs it."""
+    d = hook_rig.runtime.dir
+    link, pins = os.path.join(d, "link_ctquery"), {
+        fam: os.path.join(d, f"ctquery_{fam.value}") for fam in Family}
+
+    def plain(fam: Family) -> None:
+        hook_rig.runtime.restore(parse_ruleset(PLAIN, fam), text=PLAIN)
+
+    hook_rig.load(probe_rules(Family.IPV4), Family.IPV4)
+    with Link.open_pinned(link) as ln:
+        first = ln.describe().prog_id
+    hook_rig.load(probe_rules(Family.IPV6), Family.IPV6)
+    assert all(os.path.exists(p) for p in pins.values())
+    with Link.open_pinned(link) as ln:
+        assert ln.describe().prog_id != first  # replaced with the ruleset
+    plain(Family.IPV4)
+    assert os.path.exists(pins[Family.IPV6]) and not os.path.exists(pins[Family.IPV4])
+    assert os.path.exists(link)
+    plain(Family.IPV6)
+    assert not os.path.exists(link) and not any(os.path.exists(p) for p in pins.values())
+    hook_rig.load(probe_rules(Family.IPV4), Family.IPV4)
+    assert os.path.exists(link)

@@ -99,8 +99,11 @@ class StatefulDifferential:
             for h in hosts.values():
                 h.open()
             for n, step in enumerate(sc.steps, 1):
-                if step.op == "wait":
-                    time.sleep(step.seconds)
+                if step.op in ("wait", "reload"):
+                    if step.op == "wait":
+                        time.sleep(step.seconds)
+                    else:
+                        rig.load(text, sc.family)
                     log.add(f"{n}. {step.describe(sc.flows)}")
                     continue
                 if not step.is_peer:

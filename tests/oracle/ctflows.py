@@ -5,7 +5,8 @@ A scenario is a list of flows (peer <-> receiver, either side opening) and a seq
 ICMP error quoting a packet of a flow); each is observed on both receivers and compared. *Local
 steps* are what the receiver's own sockets do (connect, send, close, reset, reply): they run in
 both receivers and are not compared themselves, but the state they create is. `wait` lets
-conntrack timeouts pass.
+conntrack timeouts pass; `reload` restores the loaded ruleset again on both receivers (state
+must survive a replace).
 
 Sequence and acknowledgement numbers are relations (`next`, `old`, `ahead`, `far`, `zero`): each
 receiver picks its own initial sequence numbers, so the peer emulation (ctpeer.py) turns a
@@ -77,6 +78,8 @@ class Step:
         """A one-line summary for reports."""
         if self.op == "wait":
             return f"wait {self.seconds} s"
+        if self.op == "reload":
+            return "reload the ruleset"
         bits = [self.op, f"flow {self.flow}"]
         if self.op == "tcp":
             bits += [self.flags or "-", f"seq {self.seq}"]

@@ -14,13 +14,23 @@ or from the packet when there is none, as nf_conntrack_in, tcp_new, icmp_error d
 - no entry: UDP is NEW; TCP is NEW for a SYN and, in conntrack's default loose mode, for a bare
   ACK (mid-stream pickup); SYN-ACK, FIN, RST without an entry, invalid flag combinations and
   truncated headers are INVALID;
-- ICMP errors quoting a TCP/UDP flow conntrack knows are RELATED, other errors INVALID;
-- ICMP queries are NEW, their answers ESTABLISHED (the kfuncs cannot look ICMP up: see README),
-  other ICMP types INVALID; ICMPv6 neighbour discovery and MLD are UNTRACKED;
+- ICMP queries and their answers (echo, timestamp, information, address mask; ICMPv6 echo and
+  node information): the kfuncs refuse ICMP, so the kernel's entry is taken from the map the
+  tcx egress recorder fills (ctquery: a remembered nf_conn pointer, trusted only once probe
+  reads show the tuple, CONFIRMED and not DYING, the namespace and an unexpired timeout), then
+  judged as a TCP/UDP entry. Without one a request is NEW and an answer INVALID (icmp_new
+  opens entries for requests only); other ICMP types are INVALID; ICMPv6 neighbour discovery
+  and MLD are UNTRACKED;
+- ICMP errors are RELATED when the inverse of the quoted packet's tuple is a flow conntrack
+  knows (TCP/UDP through the kfuncs, ICMP queries through ctquery) and the error is addressed to
+  the quoted packet's sender (nf_conntrack_inet_error), in the reply direction when found in
+  the entry's reply tuple; other errors are INVALID;
 - other protocols are NEW (no lookup either); later fragments, which netfilter sees reassembled,
   are ESTABLISHED: a later fragment is never delivered without its first one, which is judged.
 
-The entry is released before the rules run; the CT area is filled with ctread's routines.
+The kfuncs' entry is released before the rules run (ctquery's pointer is no reference); the CT
+area is filled with ctread's routines. What the state can still miss: ICMP query flows the
+recorder did not see (see ctquery and README, "Connection tracking").
 """
 
 from __future__ import annotations
@@ -35,7 +45,7 @@ from ...bpf.insn import AluOp, JmpOp
 from ...ir.model import Family
 from ...ir.pred import Field
 from .. import layout as L
-from . import ctread
+from . import ctquery, ctread
 from .ctread import CtBit
 
 if TYPE_CHECKING:
@@ -62,6 +72,7 @@ QUOTED = L.KEYBUF + 56
 QPORTS = L.KEYBUF + 96
 ICMP_INV = L.KEYBUF + 104
 CURRENT_NETNS = -1  # BPF_F_CURRENT_NETNS
+AF_INET, AF_INET6 = 2, 10  # nf_conntrack_tuple.src.l3num
 
 # ICMP types: errors, queries and their answers (icmp_is_err, invmap), as conntrack knows them.
 ICMP4_ERRORS = (3, 4, 5, 11, 12)
@@ -108,6 +119,11 @@ class _Lookup:
         self.invalid = a.label("ct_invalid")
         self.found = a.label("ct_found")  # r7: the entry, packet in its own flow
         self.related = a.label("ct_related")  # r7: the entry an ICMP error quotes
+        # The same, r7 an ICMP query's entry the egress recorder remembered (see ctquery):
+        # a pointer checked with probe reads, not a reference to release.
+        self.tuple = ctquery.tuple_offsets()
+        self.found_raw = a.label("ct_found_query")
+        self.related_raw = a.label("ct_related_query")
 
     def emit(self) -> None:
         """The whole block: dispatch on the protocol, then the shared endings."""
@@ -166,19 +182,41 @@ class _Lookup:
         a.emit(I.call_kfunc(self.kfunc))
 
     def _new(self, *, ports: bool = True, sport: int = L.L4, dport: int = L.L4 + 2,
-             rport: int | None = None, reply: bool = False) -> None:
-        """No entry, and conntrack would create one: NEW (or, for `reply`, an answer to a
-        flow it is assumed to know: ESTABLISHED)."""
+             rport: int | None = None) -> None:
+        """No entry, and conntrack would create one: NEW."""
         a = self.a
-        status = ctread.IPS_SEEN_REPLY | ctread.IPS_CONFIRMED if reply else 0
         if not ports:
             # The generic protocol has no ports: point the tuples at zeros.
             a.emit(I.st(I.W, L.R_PKT, ICMP_INV, 0))
             sport = dport = ICMP_INV
-        ctread.emit_from_packet(a, self.fields, self.fl.family, reply=reply, status=status,
+        ctread.emit_from_packet(a, self.fields, self.fl.family, reply=False, status=0,
                                 sport_off=sport, dport_off=dport, rport_off=rport)
-        ctread.store_state(a, CtBit.ESTABLISHED if reply else CtBit.NEW)
+        ctread.store_state(a, CtBit.NEW)
         a.goto(self.done)
+
+    def _query_key(self, src: int, dst: int, ident: int, code: int, type_reg: int) -> None:
+        """TUPLE = the struct nf_conntrack_tuple of an ICMP query or answer (ctquery's key):
+        addresses at r9+src/dst, identifier at r9+ident, code at r9+code, type in a register."""
+        a, alen, t = self.a, 4 if self.v4 else 16, self.tuple
+        # Zeros first: the kernel clears a tuple before filling it (unused address words, dir).
+        for o in range(0, ctquery.KEY_SIZE, 8):
+            a.emit(I.st(I.DW, L.R_PKT, TUPLE + o, 0))
+        for o in range(0, alen, 4):
+            for to, frm in ((TUPLE + t["src.u3"] + o, src + o), (TUPLE + t["dst.u3"] + o,
+                                                                  dst + o)):
+                a.emit(I.ldx(I.W, I.R1, L.R_PKT, frm), I.stx(I.W, L.R_PKT, I.R1, to))
+        a.emit(I.ldx(I.H, I.R1, L.R_PKT, ident),
+               I.stx(I.H, L.R_PKT, I.R1, TUPLE + t["src.u.icmp.id"]))
+        a.emit(I.st(I.H, L.R_PKT, TUPLE + t["src.l3num"], AF_INET if self.v4 else AF_INET6))
+        a.emit(I.stx(I.B, L.R_PKT, type_reg, TUPLE + t["dst.u.icmp.type"]))
+        a.emit(I.ldx(I.B, I.R1, L.R_PKT, code),
+               I.stx(I.B, L.R_PKT, I.R1, TUPLE + t["dst.u.icmp.code"]))
+        a.emit(I.st(I.B, L.R_PKT, TUPLE + t["dst.protonum"], ICMP if self.v4 else ICMPV6))
+
+    def _find_query(self, miss: Label) -> None:
+        """r7 = the kernel's entry of the tuple in TUPLE, OPTS_DIR its direction, or miss."""
+        ctquery.emit_find(self.a, TUPLE, tup=QUOTED, tmp=QPORTS, net=OPTS, dir_at=OPTS_DIR,
+                          miss=miss)
 
     # -- protocols -------------------------------------------------------------------------
 
@@ -281,10 +319,20 @@ class _Lookup:
             a.place(untracked)
             ctread.emit_no_entry(a, CtBit.UNTRACKED)
             a.goto(self.done)
-        for kind, reply in ((request, False), (answer, True)):
+        # The kernel's entry, if the egress recorder saw one (see ctquery): looked up by the
+        # packet's own tuple. Without it a request is NEW and an answer INVALID (icmp_new
+        # accepts only requests).
+        src, dst = (L.L3 + 12, L.L3 + 16) if self.v4 else (L.L3 + 8, L.L3 + 24)
+        new = a.label("icmp_new")
+        for kind, miss in ((request, new), (answer, self.invalid)):
             a.place(kind)
-            a.emit(I.ldx(I.B, I.R1, L.R_PKT, L.L4 + 1), I.stx(I.B, L.R_PKT, I.R1, ICMP_INV + 1))
-            self._new(sport=L.L4 + 4, dport=L.L4, rport=ICMP_INV, reply=reply)
+            a.emit(I.ldx(I.B, I.R2, L.R_PKT, L.L4))
+            self._query_key(src, dst, L.L4 + 4, L.L4 + 1, I.R2)
+            self._find_query(miss)
+            a.goto(self.found_raw)
+        a.place(new)
+        a.emit(I.ldx(I.B, I.R1, L.R_PKT, L.L4 + 1), I.stx(I.B, L.R_PKT, I.R1, ICMP_INV + 1))
+        self._new(sport=L.L4 + 4, dport=L.L4, rport=ICMP_INV)
         a.place(error)
         self._icmp_error()
 
@@ -312,18 +360,17 @@ class _Lookup:
             a.emit(I.alu64(AluOp.ADD, I.R8, hdr, reg=False))
             proto_off, src, dst = QUOTED + 6, QUOTED + 8, QUOTED + 24
             outer_dst, alen = L.L3 + 24, 16
-        # Only TCP and UDP can be looked up (quoted IPv6 extension headers are not walked).
+        # TCP and UDP are looked up with the kfuncs, ICMP queries in ctquery's map (quoted
+        # IPv6 extension headers are not walked).
         a.emit(I.ldx(I.B, I.R1, L.R_PKT, proto_off))
-        ok = a.label("quoted_proto")
+        ok, query = a.label("quoted_proto"), a.label("quoted_query")
         a.jump(JmpOp.JEQ, I.R1, TCP, ok)
+        a.jump(JmpOp.JEQ, I.R1, ICMP if v4 else ICMPV6, query)
         a.jump(JmpOp.JNE, I.R1, UDP, self.invalid)
         a.place(ok)
         self.fl.emit_load(a, I.R8, QPORTS, 4)
         a.jump(JmpOp.JNE, I.R0, 0, self.invalid)
-        # nf_conntrack_inet_error: the error must be addressed to the quoted packet's sender.
-        for o in range(0, alen, 4):
-            a.emit(I.ldx(I.W, I.R1, L.R_PKT, outer_dst + o), I.ldx(I.W, I.R2, L.R_PKT, src + o))
-            a.jump(JmpOp.JNE, I.R1, I.R2, self.invalid, reg=True)
+        self._error_addressed_to_sender(outer_dst, src, alen)
         for o in range(0, alen, 4):
             a.emit(I.ldx(I.W, I.R1, L.R_PKT, dst + o), I.stx(I.W, L.R_PKT, I.R1, TUPLE + o))
             a.emit(I.ldx(I.W, I.R1, L.R_PKT, src + o),
@@ -335,16 +382,47 @@ class _Lookup:
         a.jump(JmpOp.JEQ, I.R0, 0, self.invalid)
         a.emit(I.mov64(I.R7, I.R0))
         a.goto(self.related)
+        a.place(query)
+        # The quoted query's header (icmp_pkt_to_tuple reads 8 bytes), then the inverse tuple:
+        # the other type of the pair (a quoted error or unknown type has none: INVALID).
+        self.fl.emit_load(a, I.R8, QPORTS, 8)
+        a.jump(JmpOp.JNE, I.R0, 0, self.invalid)
+        self._error_addressed_to_sender(outer_dst, src, alen)
+        a.emit(I.ldx(I.B, I.R1, L.R_PKT, QPORTS))
+        inverted = a.label("quoted_inverted")
+        for q, r in ICMP4_PAIRS if v4 else ICMP6_PAIRS:
+            for t, inv in ((q, r), (r, q)):
+                nxt = a.label("quoted_type")
+                a.jump(JmpOp.JNE, I.R1, t, nxt)
+                a.emit(I.mov64_imm(I.R2, inv))
+                a.goto(inverted)
+                a.place(nxt)
+        a.goto(self.invalid)
+        a.place(inverted)
+        self._query_key(dst, src, QPORTS + 4, QPORTS + 1, I.R2)
+        self._find_query(self.invalid)
+        a.goto(self.related_raw)
 
-    # -- an entry was found: r7 holds it (a reference to release) ---------------------------
+    def _error_addressed_to_sender(self, outer_dst: int, src: int, alen: int) -> None:
+        """nf_conntrack_inet_error: the error must go to the quoted packet's sender."""
+        a = self.a
+        for o in range(0, alen, 4):
+            a.emit(I.ldx(I.W, I.R1, L.R_PKT, outer_dst + o), I.ldx(I.W, I.R2, L.R_PKT, src + o))
+            a.jump(JmpOp.JNE, I.R1, I.R2, self.invalid, reg=True)
+
+    # -- an entry was found: r7 holds it (a reference to release, or a checked pointer) ------
 
     def _endings(self) -> None:
+        self._ending(self.found, self.related, release=True)
+        self._ending(self.found_raw, self.related_raw, release=False)
+
+    def _ending(self, found: Label, related: Label, *, release: bool) -> None:
         a = self.a
         fill = a.label("ct_fill")
-        a.place(self.related)
+        a.place(related)
         a.emit(I.mov64_imm(I.R8, ctread.IP_CT_RELATED))
         self._plus_reply(fill)
-        a.place(self.found)
+        a.place(found)
         # ESTABLISHED once the entry has seen a reply (or the packet is one), NEW before.
         ctread.probe(a, L.CTSTATUS, 4, vmlinux().member_offset("nf_conn", "status").offset)
         a.emit(I.mov64_imm(I.R8, ctread.IP_CT_NEW))
@@ -360,7 +438,8 @@ class _Lookup:
         ctread.emit_from_conn(a, self.fields)
         if Field.CTSTATUS in self.fields:
             self._status_after_packet()
-        a.emit(I.mov64(I.R1, I.R7), I.call_kfunc(self.release))
+        if release:
+            a.emit(I.mov64(I.R1, I.R7), I.call_kfunc(self.release))
         a.goto(self.done)
 
     def _status_after_packet(self) -> None:

@@ -2,7 +2,8 @@
 
 Shared by every hook flavour: the netfilter hooks and tc egress find the entry netfilter attached
 to the skb (`skb->_nfct`: the nf_conn pointer with the ctinfo in its low 3 bits); tc ingress and
-XDP look it up (see ctlookup). Either way the entry ends up as r7 = nf_conn (kernel memory, read
+XDP look it up (see ctlookup; ICMP queries: the entry the egress recorder remembered, ctquery).
+Either way the entry ends up as r7 = nf_conn (kernel memory, read
 with bpf_probe_read_kernel) and r8 = ctinfo, and one routine turns that into xt_conntrack's view.
 """
 
