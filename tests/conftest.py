@@ -17,6 +17,10 @@ from helpers.kernel import cgroup2_mount, require_kernel, skip_reason
 
 from bpfilter import netns as netns_api
 
+# nat OUTPUT attaches to the root cgroup unless told otherwise: in tests a forgotten --cgroup
+# must fail (this path never exists), never touch every socket of the machine.
+os.environ["BPFILTER_CGROUP"] = "/nonexistent/pybpfilter-tests-pass-cgroup"
+
 # Tests using these fixtures touch the kernel whether or not they say so.
 KERNEL_FIXTURES = {"netns", "topology", "bpffs", "cgroup2"}
 

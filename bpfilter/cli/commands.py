@@ -84,7 +84,7 @@ def _given_sets(args: argparse.Namespace) -> dict | None:
 def _runtime(args: argparse.Namespace, hook: str | None = None) -> Runtime:
     try:
         return Runtime(hook or args.hook, netns_name=args.netns, iface=getattr(args, "iface", None),
-                       root=args.bpffs)
+                       root=args.bpffs, cgroup=getattr(args, "cgroup", None))
     except RuntimeError_ as e:
         raise UserError(str(e)) from None
 

@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, family=False)
     p.add_argument("--all-hooks", action="store_true",
                    help="every hook of the namespace (default: the --hook given, or all)")
+    p.add_argument("--cgroup", metavar="PATH",
+                   help="accepted as restore takes it; nat OUTPUT's cgroup links are found "
+                        "through their pins, wherever they are attached")
 
     p = sub.add_parser("check", help="run the packets of a pcap through a compiled ruleset")
     _common(p, hook=False)

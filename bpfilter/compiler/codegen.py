@@ -58,6 +58,7 @@ from .compiled import (
     assign_slots,
 )
 from .counting import count, count_reg, decide, decide_slot, finish, s32
+from .hooks import ctquery, localtable
 from .hooks.base import Flavour, Verdict
 from .logging import LOG_MAP, LOG_TARGETS, emit_log, log_map_spec
 from .lower import key_limits, lower_rule, pred_info, rule_context
@@ -254,6 +255,8 @@ class TableCompiler:
                 needed |= seg.fields
         classified = any(self.segments(self.table.chains[c], fl) for c in [chain.name, *subs])
         self.uses_conntrack |= bool(needed & CT_FIELDS)
+        self.maps.update(localtable.maps_for(needed, fl.family))  # addrtype's lookups
+        self.maps.update(ctquery.maps_for(needed, fl))  # ICMP query entries (tc, XDP)
         with a.origin(Origin(f"prologue: parse the packet ({fl.name}, {chain.name})")):
             emit_parse(a, fl, passed, tcp_options=tcp_opts, packet_class=classified,
                        routing=bool(needed & RH_FIELDS))
@@ -263,7 +266,8 @@ class TableCompiler:
         reject_at = a.label("reject") if self._reject_kinds else None
         with a.origin(Origin("epilogue: publish the decision, return the verdict")):
             nat_at = a.label("nat") if self._does_nat else None
-            self._epilogue(a, verdict, passed, fl if sets_mark else None, reject_at, nat_at)
+            self._epilogue(a, verdict, passed, fl if sets_mark else None, reject_at, nat_at,
+                           codes=fl)
         if nat_at is not None:
             with a.origin(Origin("NAT: bind the connection's translation")):
                 a.place(nat_at)
@@ -543,7 +547,10 @@ class TableCompiler:
 
     def _epilogue(self, a: Assembler, verdict: Label, passed: Label,
                   mark_fl: Flavour | None, reject_at: Label | None = None,
-                  nat_at: Label | None = None) -> None:
+                  nat_at: Label | None = None, codes: Flavour | None = None) -> None:
+        # The return codes are the program's own flavour's (one table may mix hook types:
+        # nat PREROUTING at tc ingress, nat OUTPUT at the sockets).
+        codes = codes or self.fl
         publish = a.label("publish")
         a.place(passed)
         a.emit(I.st(I.W, L.R_PKT, L.DECIDER, 0), I.mov64_imm(I.R0, PASSED))
@@ -575,11 +582,11 @@ class TableCompiler:
             a.jump(JmpOp.JEQ, I.R1, Verdict.NAT, nat_at)
             a.jump(JmpOp.JEQ, I.R7, Verdict.ACCEPT, nat_at)
         a.jump(JmpOp.JNE, I.R7, Verdict.ACCEPT, drop)
-        a.emit(I.mov64_imm(I.R0, self.fl.verdict_code(Verdict.ACCEPT)), I.exit_())
+        a.emit(I.mov64_imm(I.R0, codes.verdict_code(Verdict.ACCEPT)), I.exit_())
         a.place(drop)
-        a.emit(I.mov64_imm(I.R0, self.fl.verdict_code(Verdict.DROP)), I.exit_())
+        a.emit(I.mov64_imm(I.R0, codes.verdict_code(Verdict.DROP)), I.exit_())
         a.place(pas)
-        a.emit(I.mov64_imm(I.R0, self.fl.pass_code()), I.exit_())
+        a.emit(I.mov64_imm(I.R0, codes.pass_code()), I.exit_())
 
 
 def rule_text(chain: str, n: int, rule: Rule) -> str:

@@ -30,7 +30,7 @@ from . import layout as L
 LOG_MAP = "log"
 EVENT_SIZE = 88
 RING_SIZE = 256 * 1024
-TABLES = ("filter", "mangle", "raw", "security")
+TABLES = ("filter", "mangle", "raw", "security", "nat")
 LOG_TARGETS = ("LOG", "NFLOG")
 
 

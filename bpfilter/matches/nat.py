@@ -1,4 +1,4 @@
-"""NAT targets: SNAT, DNAT, MASQUERADE, REDIRECT (parsed and printed; not compiled yet)."""
+"""NAT targets: SNAT, DNAT, MASQUERADE, REDIRECT, for ip(6)tables (compiled by compiler/nat.py)."""
 
 from __future__ import annotations
 

@@ -21,6 +21,7 @@ from ..bpf.maps import Map, MapSpec
 from ..bpf.prog import Prog
 from ..bpf.syscall import BpfError
 from ..compiler import nat as natc
+from ..compiler import natoutput as natoutc
 from ..compiler.codegen import compile_table
 from ..compiler.compiled import COUNTERS, TRACE, CompiledTable
 from ..compiler.hooks.base import Flavour, Verdict
@@ -29,9 +30,10 @@ from ..compiler.hooks.tcxdp import TcFlavour, XdpFlavour
 from ..compiler.logging import LOG_MAP
 from ..compiler.validate import CompileError
 from ..ir.model import Counters, Family, Ruleset
-from . import conntrack, planstore, sets, statetables
+from . import conntrack, ctrecorder, localtable, planstore, sets, statetables
 from . import dispatch as D
 from . import nat as natrt
+from . import natoutput as natout
 from .state import (
     Record,
     TableRecord,
@@ -115,7 +117,8 @@ class Runtime:
     """Loaded rulesets at one hook of one namespace."""
 
     def __init__(self, hook: str = "nf", *, netns_name: str | None = None,
-                 iface: str | None = None, root: str | None = None) -> None:
+                 iface: str | None = None, root: str | None = None,
+                 cgroup: str | None = None) -> None:
         if hook not in ("nf", "tc", "xdp"):
             raise RuntimeError_(f"unknown hook {hook!r} (nf, tc or xdp)")
         if hook != "nf" and not iface:
@@ -126,6 +129,10 @@ class Runtime:
         self.root = root or bpffs_root()
         self.dir = os.path.join(self.root, netns.ns_id(netns_name),
                                 hook_dir_name(hook, self.iface))
+        # nat OUTPUT's cgroup (None: where its links are, else the cgroup v2 root).
+        if cgroup is not None and not os.path.isfile(os.path.join(cgroup, "cgroup.procs")):
+            raise RuntimeError_(f"--cgroup {cgroup}: not a cgroup v2 directory")
+        self.cgroup = cgroup
 
     # -- namespaces ----------------------------------------------------------------------
 
@@ -213,6 +220,14 @@ class Runtime:
             log_path = self._path(pin_name("log", fam.value))
             if os.path.exists(log_path):
                 shared[LOG_MAP] = Map.open_pinned(log_path)
+            # nat OUTPUT: cgroup socket programs beside the hook's (runtime/natoutput.py).
+            try:
+                sock = natout.SockHooks(self.dir, fam, compiled, self.netns_name, self.cgroup)
+            except natout.NotACgroup as e:
+                for m in shared.values():
+                    m.close()
+                raise RuntimeError_(str(e)) from None
+            shared.update(sock.maps)
             neutral = Prog.load(make_flavour(self.hook, fam, self.iface or "x").prog_type,
                                 D.neutral(self._accept_code(fam)), name="bpf_neutral",
                                 attach_type=make_flavour(self.hook, fam, self.iface or "x")
@@ -224,6 +239,13 @@ class Runtime:
                 # hashlimit and recent tables: shared by the family's tables, kept by name.
                 statesync = statetables.StateSync(self.dir, fam, compiled)
                 shared.update(statesync.maps)
+                # addrtype's copy of the local routing table: refilled at every restore.
+                localsync = localtable.LocalTableSync(self.dir, fam, compiled, self.netns_name)
+                shared.update(localsync.maps)
+                # tc ingress/XDP conntrack: ICMP query entries recorded at tcx egress.
+                recsync = ctrecorder.RecorderSync(self.dir, fam, compiled, self.iface,
+                                                  self.netns_name)
+                shared.update(recsync.maps)
                 tables: dict[str, TableRecord] = {}
                 plans: dict[str, planstore.TablePlans] = {}
                 for ct in compiled:
@@ -252,6 +274,9 @@ class Runtime:
                     fds.update({D.GEN_MAP: gen_map.fd, D.PROGS_MAP: progs.fd})
                     for chain, cp in ct.programs.items():
                         fl = cp.flavour
+                        if natoutc.is_sock(fl):
+                            sock.load(cp, fds)
+                            continue
                         prog = Prog.load(fl.prog_type, cp.program.resolve(fds), name=cp.name,
                                          attach_type=fl.attach_type, source=cp.program)
                         loaded.append((tname, chain, prog))
@@ -280,7 +305,8 @@ class Runtime:
                     self._attach(fam, t, c)
                 if any(ct.uses_conntrack for ct in compiled):
                     conntrack.enable(self.netns_name)
-                if any(ct.table.name == "nat" for ct in compiled):
+                if any(ct.table.name == "nat" and set(ct.programs) - {"OUTPUT"}
+                       for ct in compiled):
                     natrt.enable(self.netns_name)
                 for name, m in maps.items():
                     path = self._path(pin_name(name, str(new)))
@@ -288,6 +314,8 @@ class Runtime:
                     m.pin(path)
                 setsync.commit()
                 statesync.commit()
+                recsync.commit()
+                sock.install(new)
                 # The switch.
                 words = list(words)
                 words[fi] = new
@@ -298,9 +326,13 @@ class Runtime:
                 for m in [*maps.values(), *extra, *shared.values()]:
                     m.close()
                 neutral.close()
+                sock.close()
             # After the switch: drop the old generation and hooks the new ruleset left.
             setsync.finish()
             statesync.finish()
+            localsync.finish()
+            recsync.finish()
+            sock.finish(cur)
             for t, c in D.TABLE_CHAINS:
                 with contextlib.suppress(OSError):
                     progs.delete(_u32(cur * D.GEN_STRIDE + D.slot_id(fam, t, c)))
@@ -311,6 +343,11 @@ class Runtime:
                 self._detach(fam, t, c)
             del old_record
             return record
+
+    def refresh_local_table(self) -> dict[Family, int]:
+        """Copy the namespace's local routing table into the loaded addrtype maps again;
+        {family: entries} of the maps refreshed (see runtime/localtable.py)."""
+        return localtable.refresh(self.dir, self.netns_name)
 
     # -- links ---------------------------------------------------------------------------
 
@@ -331,6 +368,8 @@ class Runtime:
             return out
         for t, tr in rec.tables.items():
             for c in tr.chains:
+                if (t, c) == ("nat", "OUTPUT"):
+                    continue  # cgroup links of their own (runtime/natoutput.py)
                 if os.path.exists(self._path(self._link_name(fam, t, c))):
                     out.add((t, c))
         return out

@@ -4,7 +4,9 @@ BPF binds a connection's translation into its conntrack entry (compiler/nat.py);
 nf_nat applies it to every packet, but only where nat hooks are registered. A dormant nftables
 table with empty `type nat` base chains registers them (an empty chain adds no binding of its
 own: connections BPF did not bind get nf_nat's null binding, as under iptables), and a regular
-chain no packet traverses holds a `ct state` rule so conntrack runs. `flush` removes the table.
+chain no packet traverses holds a `ct state` rule so conntrack runs. The table is `inet`, so
+both families' nat hooks are registered (nf_nat registers a family's hooks only for a nat chain
+of that family). `flush` removes the table.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import fcntl
 import os
 import socket
 import struct
+from dataclasses import dataclass
 
 from .. import netns
 from ..compiler.nat import TailCall
@@ -23,16 +26,21 @@ from .conntrack import _nft
 
 TABLE = "pybpfilter_nat"
 _ENABLE = f"""\
-add table ip {TABLE}
-add chain ip {TABLE} prerouting {{ type nat hook prerouting priority dstnat; }}
-add chain ip {TABLE} input {{ type nat hook input priority 100; }}
-add chain ip {TABLE} output {{ type nat hook output priority -100; }}
-add chain ip {TABLE} postrouting {{ type nat hook postrouting priority srcnat; }}
-add chain ip {TABLE} keep
-flush chain ip {TABLE} keep
-add rule ip {TABLE} keep ct state new comment "keeps conntrack and nf_nat on for pybpfilter"
+add table inet {TABLE}
+add chain inet {TABLE} prerouting {{ type nat hook prerouting priority dstnat; }}
+add chain inet {TABLE} input {{ type nat hook input priority 100; }}
+add chain inet {TABLE} output {{ type nat hook output priority -100; }}
+add chain inet {TABLE} postrouting {{ type nat hook postrouting priority srcnat; }}
+add chain inet {TABLE} keep
+flush chain inet {TABLE} keep
+add rule inet {TABLE} keep ct state new comment "keeps conntrack and nf_nat on for pybpfilter"
 """
 SIOCGIFADDR = 0x8915
+# rtnetlink, to list an interface's IPv6 addresses in the kernel's order
+NETLINK_ROUTE, RTM_NEWADDR, RTM_GETADDR, NLMSG_DONE, NLMSG_ERROR = 0, 20, 22, 3, 2
+NLM_F_REQUEST, NLM_F_DUMP = 1, 0x300
+IFA_ADDRESS, IFA_FLAGS = 1, 8
+IFA_F_OPTIMISTIC, IFA_F_TENTATIVE = 0x04, 0x40
 
 
 def enable(netns_name: str | None) -> None:
@@ -47,16 +55,86 @@ def enable(netns_name: str | None) -> None:
 
 def disable(netns_name: str | None) -> None:
     """Remove the dormant nat table."""
+    _nft(netns_name, f"delete table inet {TABLE}\n", check=False)
+    # Before IPv6 NAT the table was `ip`: one left by an older version goes too.
     _nft(netns_name, f"delete table ip {TABLE}\n", check=False)
 
 
-def environment(netns_name: str | None, iface: str | None) -> tuple[dict[int, str], bytes | None]:
-    """The namespace's interfaces by ifindex, and `iface`'s IPv4 address (REDIRECT's target)."""
+@dataclass(frozen=True)
+class Ipv6Addr:
+    """One address of an interface as rtnetlink lists it."""
+
+    addr: bytes
+    flags: int
+
+
+def ipv6_addresses(ifindex: int) -> list[Ipv6Addr]:
+    """The interface's IPv6 addresses in its list's order (the calling thread's namespace)."""
+    out: list[Ipv6Addr] = []
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                       NETLINK_ROUTE) as s:
+        s.settimeout(2.0)
+        req = struct.pack("=BBBBI", socket.AF_INET6, 0, 0, 0, ifindex)
+        s.send(struct.pack("=IHHII", 16 + len(req), RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP,
+                           1, 0) + req)
+        while True:
+            data = s.recv(65536)
+            pos = 0
+            while pos + 16 <= len(data):
+                length, kind = struct.unpack_from("=IH", data, pos)
+                if kind in (NLMSG_DONE, NLMSG_ERROR) or length < 16:
+                    return out
+                if kind == RTM_NEWADDR:
+                    ent = _addr_msg(data[pos + 16:pos + length], ifindex)
+                    if ent is not None:
+                        out.append(ent)
+                pos += (length + 3) & ~3
+
+
+def _addr_msg(msg: bytes, ifindex: int) -> Ipv6Addr | None:
+    """An RTM_NEWADDR payload (ifaddrmsg, then attributes) if it is `ifindex`'s."""
+    family, _, flags, _, index = struct.unpack_from("=BBBBI", msg)
+    if family != socket.AF_INET6 or index != ifindex:
+        return None  # a dump without strict checking lists every interface
+    addr = None
+    pos = 8
+    while pos + 4 <= len(msg):
+        alen, atype = struct.unpack_from("=HH", msg, pos)
+        if alen < 4:
+            break
+        value = msg[pos + 4:pos + alen]
+        if atype == IFA_ADDRESS:
+            addr = value
+        elif atype == IFA_FLAGS:
+            flags = struct.unpack("=I", value[:4])[0]
+        pos += (alen + 3) & ~3
+    return Ipv6Addr(addr, flags) if addr is not None and len(addr) == 16 else None
+
+
+def redirect_ipv6(addrs: list[Ipv6Addr]) -> bytes | None:
+    """The address nf_nat_redirect_ipv6 gives a packet to a global destination: the first of
+    the list that is not IPv4-mapped and has finished (or skips) duplicate detection."""
+    for a in addrs:
+        if a.addr[:12] == bytes(10) + b"\xff\xff":
+            continue
+        if a.flags & IFA_F_TENTATIVE and not a.flags & IFA_F_OPTIMISTIC:
+            continue
+        return a.addr
+    return None
+
+
+def environment(netns_name: str | None, iface: str | None,
+                family: Family = Family.IPV4) -> tuple[dict[int, str], bytes | None]:
+    """The namespace's interfaces by ifindex, and `iface`'s address of `family` (REDIRECT's
+    target)."""
     ctx = netns.enter(netns_name) if netns_name else contextlib.nullcontext()
     with ctx:
         names = dict(socket.if_nameindex())
         addr = None
-        if iface:
+        if iface and family is Family.IPV6:
+            index = {n: i for i, n in names.items()}.get(iface)
+            addr = redirect_ipv6(ipv6_addresses(index)) if index is not None else None
+        elif iface:
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
                 try:
                     raw = fcntl.ioctl(s.fileno(), SIOCGIFADDR,
@@ -75,7 +153,7 @@ def environment_for(rs, hook: str, netns_name: str | None,
         return None
     if not any(c.rules or c.policy not in (None, "ACCEPT") for c in t.chains.values()):
         return None
-    return environment(netns_name, iface)
+    return environment(netns_name, iface, rs.family)
 
 
 def verify(ct) -> None:
@@ -113,4 +191,4 @@ def used_elsewhere(hook_dir: str) -> bool:
 def tail_call() -> TailCall:
     """Where the nat PREROUTING program finds POSTROUTING's (see dispatch)."""
     return TailCall(D.GEN_MAP, D.PROGS_MAP, D.GEN_STRIDE,
-                    D.slot_id(Family.IPV4, "nat", "POSTROUTING"))
+                    D.slot_id(Family.IPV4, "nat", "POSTROUTING"), D.FAMILY_STRIDE)
