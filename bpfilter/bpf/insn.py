@@ -412,3 +412,9 @@ def is_jump(insn: Insn) -> bool:
         return False
     op = insn.opcode & 0xF0
     return op not in (JmpOp.CALL, JmpOp.EXIT)
+
+
+def s32(v: int) -> int:
+    """`v` as the signed 32-bit immediate that encodes it (two's complement above 2**31)."""
+    v &= 0xFFFFFFFF
+    return v - (1 << 32) if v >= 1 << 31 else v

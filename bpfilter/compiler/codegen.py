@@ -57,7 +57,7 @@ from .compiled import (
     Segment,
     assign_slots,
 )
-from .counting import count, count_reg, decide, decide_slot, finish, s32
+from .counting import count, count_reg, decide, decide_slot, finish
 from .hooks import ctquery, localtable
 from .hooks.base import Flavour, Verdict
 from .logging import LOG_MAP, LOG_TARGETS, emit_log, log_map_spec
@@ -508,8 +508,8 @@ class TableCompiler:
         if t.kind == "MARK":
             # (mark & ~mask) ^ value; later `-m mark` matches read the struct's copy.
             a.emit(I.ldx(I.W, I.R1, L.R_PKT, L.MARK))
-            a.emit(I.alu32(AluOp.AND, I.R1, s32(~t.params.mask), reg=False))
-            a.emit(I.alu32(AluOp.XOR, I.R1, s32(t.params.value), reg=False))
+            a.emit(I.alu32(AluOp.AND, I.R1, I.s32(~t.params.mask), reg=False))
+            a.emit(I.alu32(AluOp.XOR, I.R1, I.s32(t.params.value), reg=False))
             a.emit(I.stx(I.W, L.R_PKT, I.R1, L.MARK), I.st(I.B, L.R_PKT, L.MARKSET, 1))
             return
         if t.kind in (ACCEPT, DROP):

@@ -42,12 +42,6 @@ def decide_slot(a: Assembler) -> None:
     a.emit(I.stx(I.W, L.R_PKT, I.R1, L.DECIDER))
 
 
-def s32(v: int) -> int:
-    """`v` as the signed 32-bit immediate that encodes it."""
-    v &= 0xFFFFFFFF
-    return v - (1 << 32) if v >= 1 << 31 else v
-
-
 def decide(a: Assembler, slot: int) -> None:
     """Decider = `slot`."""
     a.emit(I.st(I.W, L.R_PKT, L.DECIDER, slot))

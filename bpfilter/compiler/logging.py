@@ -69,7 +69,7 @@ def emit_log(a: Assembler, slot: int, table: str, family: Family,
         known = static.get(f)
         for o in range(0, 16, 4):
             if known is not None:
-                a.emit(I.st(I.W, L.R_PKT, to + o, _s32(int.from_bytes(known[o:o + 4], "little"))))
+                a.emit(I.st(I.W, L.R_PKT, to + o, I.s32(int.from_bytes(known[o:o + 4], "little"))))
             else:
                 a.emit(I.ldx(I.W, I.R1, L.R_PKT, src_off + o), I.stx(I.W, L.R_PKT, I.R1, to + o))
     a.ld_map(I.R1, LOG_MAP)
@@ -110,6 +110,3 @@ def decode(raw: bytes) -> Event:
                  raw[72:88].split(b"\0", 1)[0].decode(errors="replace"))
 
 
-def _s32(v: int) -> int:
-    v &= 0xFFFFFFFF
-    return v - (1 << 32) if v >= 1 << 31 else v

@@ -41,7 +41,7 @@ from . import layout as L
 from . import natbind as NB
 from .hooks.base import HookPoint, Verdict
 from .hooks.tcxdp import SKB_IFINDEX, TcFlavour
-from .natbind import TCP, UDP, NatFamily, copy_words, le32, nat_family, s32
+from .natbind import TCP, UDP, NatFamily, copy_words, le32, nat_family
 from .validate import CompileError
 
 SKB_CB = 48  # offsetof(struct __sk_buff, cb)
@@ -325,7 +325,7 @@ class NatFlavour(TcFlavour):
             else:
                 NB.pick_addr(a, nf, r.lo, r.hi, L.R_CTX, cb.daddr)
             ports = 0 if r.port_lo is None else r.port_lo | r.port_hi << 16
-            a.emit(I.st(I.W, L.R_CTX, cb.ports, s32(ports)))
+            a.emit(I.st(I.W, L.R_CTX, cb.ports, I.s32(ports)))
             if cb.flags is not None:
                 a.emit(I.st(I.W, L.R_CTX, cb.flags, MAGIC | 1))
 

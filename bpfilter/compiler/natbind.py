@@ -34,15 +34,9 @@ GOLDEN = 0x9E3779B1  # multiplicative hash of the source address
 K = L.KEYBUF
 
 
-def s32(v: int) -> int:
-    """`v` as the signed 32-bit immediate an instruction carries."""
-    v &= 0xFFFFFFFF
-    return v - (1 << 32) if v >= 1 << 31 else v
-
-
 def le32(b: bytes) -> int:
     """A 4-byte network-order value as the u32 a little-endian load sees."""
-    return s32(int.from_bytes(b, "little"))
+    return I.s32(int.from_bytes(b, "little"))
 
 
 @dataclass(frozen=True)
@@ -169,7 +163,7 @@ def hash_source(a: Assembler, nf: NatFamily, reg: int, tmp: int, at: int | None 
     for i in range(4, nf.alen, 4):
         a.emit(I.ldx(I.W, tmp, L.R_PKT, at + i), I.alu32(AluOp.XOR, reg, tmp, reg=True))
     a.emit(I.endian(reg, 32, big=True))
-    a.emit(I.alu32(AluOp.MUL, reg, s32(GOLDEN), reg=False))
+    a.emit(I.alu32(AluOp.MUL, reg, I.s32(GOLDEN), reg=False))
     a.emit(I.alu32(AluOp.RSH, reg, 8, reg=False))
 
 
@@ -183,11 +177,11 @@ def pick_addr(a: Assembler, nf: NatFamily, lo: bytes, hi: bytes, reg: int, off: 
         return
     hash_source(a, nf, I.R1, I.R2, at)
     if n < 1 << 32:
-        a.emit(I.alu32(AluOp.MOD, I.R1, s32(n), reg=False))
+        a.emit(I.alu32(AluOp.MOD, I.R1, I.s32(n), reg=False))
     # lo + r1, word by word from the least significant, carrying in r1 (the hash is below
     # 2**24, so a range of 2**32 addresses or more takes it as it is).
     for i in reversed(range(0, nf.alen, 4)):
-        a.emit(I.mov32_imm(I.R3, s32(int.from_bytes(lo[i:i + 4], "big"))))
+        a.emit(I.mov32_imm(I.R3, I.s32(int.from_bytes(lo[i:i + 4], "big"))))
         a.emit(I.alu64(AluOp.ADD, I.R3, I.R1, reg=True))
         a.emit(I.mov64(I.R1, I.R3), I.alu64(AluOp.RSH, I.R1, 32, reg=False))
         a.emit(I.endian(I.R3, 32, big=True), I.stx(I.W, reg, I.R3, off + i))

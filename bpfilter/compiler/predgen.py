@@ -191,9 +191,9 @@ class PredGen:
             value = self._swap(value & full, width)
             mask = None if mask is None else self._swap(mask & full, width)
         if mask is not None and mask & full != full:
-            a.emit(I.alu32(AluOp.AND, I.R1, _s32(mask & full), reg=False))
+            a.emit(I.alu32(AluOp.AND, I.R1, I.s32(mask & full), reg=False))
             value &= mask
-        a.jump(JmpOp.JNE, I.R1, _s32(value & full), fail, wide=True)
+        a.jump(JmpOp.JNE, I.R1, I.s32(value & full), fail, wide=True)
 
     def _cmp_bytes(self, off: int, value: bytes, mask: bytes, fail: Label) -> None:
         """Compare a byte string in 4-, 2- and 1-byte chunks, skipping unmasked ones."""
@@ -208,8 +208,8 @@ class PredGen:
             if m:
                 a.emit(I.ldx(_SIZES[size], I.R1, R_PKT, off + pos))
                 if m != full:
-                    a.emit(I.alu32(AluOp.AND, I.R1, _s32(m), reg=False))
-                a.jump(JmpOp.JNE, I.R1, _s32(v), fail, wide=True)
+                    a.emit(I.alu32(AluOp.AND, I.R1, I.s32(m), reg=False))
+                a.jump(JmpOp.JNE, I.R1, I.s32(v), fail, wide=True)
             pos += size
 
     def _range(self, r: Range, fail: Label) -> None:
@@ -224,9 +224,9 @@ class PredGen:
             a.goto(fail)
             return
         if lo > 0:
-            a.jump(JmpOp.JLT, I.R1, _s32(lo), fail, wide=True)
+            a.jump(JmpOp.JLT, I.R1, I.s32(lo), fail, wide=True)
         if hi < full:
-            a.jump(JmpOp.JGT, I.R1, _s32(hi), fail, wide=True)
+            a.jump(JmpOp.JGT, I.R1, I.s32(hi), fail, wide=True)
 
     def _range_wide(self, r: Range, fail: Label) -> None:
         """lo <= x <= hi for a 128-bit big-endian field, word by word."""
@@ -238,9 +238,9 @@ class PredGen:
             for i in range(4):
                 w = int.from_bytes(words[4 * i : 4 * i + 4], "big")
                 a.emit(I.ldx(I.W, I.R1, R_PKT, off + 4 * i), I.endian(I.R1, 32, big=True))
-                a.jump(too_far, I.R1, _s32(w), fail, wide=True)
+                a.jump(too_far, I.R1, I.s32(w), fail, wide=True)
                 if i < 3:
-                    a.jump(fine, I.R1, _s32(w), done, wide=True)
+                    a.jump(fine, I.R1, I.s32(w), done, wide=True)
             a.place(done)
 
     def _any_of(self, preds: tuple[Pred, ...], fail: Label, hotdrop: Label) -> None:
@@ -252,13 +252,13 @@ class PredGen:
             self._load(field, I.R1, host_order=True)
             for p in preds:
                 if isinstance(p, Cmp):
-                    a.jump(JmpOp.JEQ, I.R1, _s32(int(p.value)), ok, wide=True)
+                    a.jump(JmpOp.JEQ, I.R1, I.s32(int(p.value)), ok, wide=True)
                 else:
                     assert isinstance(p, Range)
                     nxt = a.label("alt")
                     if p.lo > 0:
-                        a.jump(JmpOp.JLT, I.R1, _s32(p.lo), nxt, wide=True)
-                    a.jump(JmpOp.JLE, I.R1, _s32(p.hi), ok, wide=True)
+                        a.jump(JmpOp.JLT, I.R1, I.s32(p.lo), nxt, wide=True)
+                    a.jump(JmpOp.JLE, I.R1, I.s32(p.hi), ok, wide=True)
                     a.place(nxt)
             a.goto(fail)
             a.place(ok)
@@ -354,7 +354,3 @@ def _common_numeric_field(preds: tuple[Pred, ...]) -> Field | None:
     return f if f.width in (1, 2, 4) and f.order is not Order.BYTES else None
 
 
-def _s32(v: int) -> int:
-    """A 32-bit immediate (two's complement for values above 2^31)."""
-    v &= 0xFFFFFFFF
-    return v - (1 << 32) if v >= 1 << 31 else v

@@ -102,11 +102,6 @@ def emit_replies(a: Assembler, path: ReplyPath, kinds: Sequence[Reject]) -> None
     _Builder(a, path).emit(kinds)
 
 
-def _s32(v: int) -> int:
-    v &= 0xFFFFFFFF
-    return v - (1 << 32) if v >= 1 << 31 else v
-
-
 class _Builder:
     def __init__(self, a: Assembler, path: ReplyPath) -> None:
         self.a = a
@@ -211,7 +206,7 @@ class _Builder:
             size, width = (I.W, 4) if len(data) - i >= 4 else (I.H, 2) if len(data) - i >= 2 \
                 else (I.B, 1)
             value = int.from_bytes(data[i:i + width], "little")
-            self.a.emit(I.st(size, I.R8, off + i, _s32(value) if width == 4 else value))
+            self.a.emit(I.st(size, I.R8, off + i, I.s32(value) if width == 4 else value))
             i += width
 
     def _copy(self, dst: int, src: int, length: int) -> None:

@@ -72,7 +72,7 @@ def _addr(a: Assembler, family: Family, d: SetDef, kp: KeyPart, base: int, src: 
         if mask is not None:
             m = int.from_bytes(mask[i:i + 4], "little")
             if m != 0xFFFFFFFF:
-                a.emit(I.alu32(AluOp.AND, I.R1, _s32(m), reg=False))
+                a.emit(I.alu32(AluOp.AND, I.R1, I.s32(m), reg=False))
         a.emit(I.stx(I.W, L.R_PKT, I.R1, base + kp.offset + i))
 
 
@@ -139,11 +139,6 @@ def _port(a: Assembler, family: Family, d: SetDef, kp: KeyPart, base: int, src: 
     if not d.type.port_only:
         a.emit(I.stx(I.B, L.R_PKT, I.R1, base + kp.offset + 2),
                I.st(I.B, L.R_PKT, base + kp.offset + 3, 0))
-
-
-def _s32(v: int) -> int:
-    v &= 0xFFFFFFFF
-    return v - (1 << 32) if v >= 1 << 31 else v
 
 
 def set_maps(pred: Pred) -> dict[Hashable, MapSpec]:

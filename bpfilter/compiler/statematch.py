@@ -80,11 +80,6 @@ def _prefix_mask(bits: int, width: int) -> bytes:
     return (full ^ ((1 << (width - bits)) - 1)).to_bytes(width // 8, "big")
 
 
-def _s32(v: int) -> int:
-    v &= 0xFFFFFFFF
-    return v - (1 << 32) if v >= 1 << 31 else v
-
-
 def map_key(kind: str, name: str) -> tuple:
     """The key of a state table's map among a compiled table's maps."""
     return ("state", kind, name)
@@ -230,7 +225,7 @@ def _copy_addr(a: Assembler, family: Family, src: bool, bits: int, dst_off: int)
             continue
         a.emit(I.ldx(I.W, I.R1, R_PKT, _addr_off(family, src) + i))
         if m != 0xFFFFFFFF:
-            a.emit(I.alu32(AluOp.AND, I.R1, _s32(m), reg=False))
+            a.emit(I.alu32(AluOp.AND, I.R1, I.s32(m), reg=False))
         a.emit(I.stx(I.W, R_PKT, I.R1, dst_off + i))
 
 
@@ -394,7 +389,7 @@ def _byte_bucket(a: Assembler, cfg: HashLimitCfg, conform: Label, over: Label) -
     # The packet's cost: a chunk per 16 bytes begun (plus one), a second's credit at most.
     a.emit(I.ldx(I.H, I.R4, R_PKT, L.IPLEN), I.alu64(AluOp.RSH, I.R4, 4, reg=False),
            I.alu64(AluOp.ADD, I.R4, 1, reg=False),
-           I.alu64(AluOp.MUL, I.R4, _s32(cfg.interval_ns), reg=False))
+           I.alu64(AluOp.MUL, I.R4, I.s32(cfg.interval_ns), reg=False))
     a.emit(I.ld_imm64(I.R5, SECOND))
     a.jump(JmpOp.JLE, I.R4, I.R5, short, reg=True)
     a.emit(I.mov64(I.R4, I.R5))
@@ -469,7 +464,7 @@ def emit_recent(a: Assembler, family: Family, p: Recent, fail: Label, hotdrop: L
     for i in range(0, family.addr_len, 4):
         m = int.from_bytes(p.mask[i:i + 4], "little")
         if m != 0xFFFFFFFF:
-            a.emit(I.ldx(I.W, I.R1, R_PKT, KEY + i), I.alu32(AluOp.AND, I.R1, _s32(m), reg=False),
+            a.emit(I.ldx(I.W, I.R1, R_PKT, KEY + i), I.alu32(AluOp.AND, I.R1, I.s32(m), reg=False),
                    I.stx(I.W, R_PKT, I.R1, KEY + i))
     _now(a)
     found = a.label("rc_found")

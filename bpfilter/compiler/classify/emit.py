@@ -98,7 +98,7 @@ def _copy(a: Assembler, src: int, dst: int, mask: bytes) -> int:
         else:
             a.emit(I.ldx(_SIZES[size], I.R1, L.R_PKT, src + i))
             if m != full:
-                a.emit(I.alu32(AluOp.AND, I.R1, _s32(m), reg=False))
+                a.emit(I.alu32(AluOp.AND, I.R1, I.s32(m), reg=False))
             a.emit(I.stx(_SIZES[size], L.R_PKT, I.R1, dst + i))
         i += size
     return dst + n
@@ -136,6 +136,3 @@ def emit_probe(a: Assembler, groups: list[Group], map_key: Callable[[int], Hasha
     a.place(done)
 
 
-def _s32(v: int) -> int:
-    v &= 0xFFFFFFFF
-    return v - (1 << 32) if v >= 1 << 31 else v

@@ -101,7 +101,7 @@ class EthernetFlavour(Flavour):
             hi = int.from_bytes(self.mac[4:6], "little")
             a.emit(I.ldx(I.W, I.R1, L.R_PKT, SCRATCH + 0))
             other = a.label("other")
-            a.jump(JmpOp.JNE, I.R1, _s32(lo), other, wide=True)
+            a.jump(JmpOp.JNE, I.R1, I.s32(lo), other, wide=True)
             a.emit(I.ldx(I.H, I.R1, L.R_PKT, SCRATCH + 4))
             a.jump(JmpOp.JEQ, I.R1, hi, done, wide=True)
             a.place(other)
@@ -154,6 +154,3 @@ class EthernetFlavour(Flavour):
         return out
 
 
-def _s32(v: int) -> int:
-    v &= 0xFFFFFFFF
-    return v - (1 << 32) if v >= 1 << 31 else v
