@@ -89,6 +89,19 @@ class Map(FdObject):
         return cls.from_fd(obj_get(path))
 
     @classmethod
+    def open_or_create(cls, path: str, spec: MapSpec) -> Map:
+        """The map pinned at `path`, or a new one of `spec` pinned there."""
+        if os.path.exists(path):
+            return cls.open_pinned(path)
+        m = cls.create(spec)
+        try:
+            m.pin(path)
+        except Exception:
+            m.close()
+            raise
+        return m
+
+    @classmethod
     def from_id(cls, map_id: int) -> Map:
         """Open a map by its id."""
         return cls.from_fd(fd_by_id(Cmd.MAP_GET_FD_BY_ID, map_id))

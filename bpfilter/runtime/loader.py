@@ -152,12 +152,7 @@ class Runtime:
     # -- shared objects ------------------------------------------------------------------
 
     def _open_or_create(self, name: str, spec: MapSpec) -> Map:
-        path = self._path(name)
-        if os.path.exists(path):
-            return Map.open_pinned(path)
-        m = Map.create(spec)
-        m.pin(path)
-        return m
+        return Map.open_or_create(self._path(name), spec)
 
     def _accept_code(self, family: Family) -> int:
         return make_flavour(self.hook, family, self.iface or "x").verdict_code(Verdict.ACCEPT)

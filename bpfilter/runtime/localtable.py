@@ -253,10 +253,7 @@ class LocalTableSync:
         if not any(LOCAL_TABLE in ct.maps for ct in compiled):
             return
         want = read_entries(family, netns_name)
-        m = Map.open_pinned(self.path) if os.path.exists(self.path) else None
-        if m is None:
-            m = Map.create(map_spec(family))
-            m.pin(self.path)
+        m = Map.open_or_create(self.path, map_spec(family))
         try:
             fill(m, want)
         except Exception:

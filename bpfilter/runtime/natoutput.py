@@ -109,12 +109,7 @@ class SockHooks:
         return os.path.join(self.dir, name)
 
     def _open_or_create(self, name: str, spec: MapSpec) -> Map:
-        path = self._path(name)
-        if os.path.exists(path):
-            return Map.open_pinned(path)
-        m = Map.create(spec)
-        m.pin(path)
-        return m
+        return Map.open_or_create(self._path(name), spec)
 
     # -- restore ---------------------------------------------------------------------------
 
