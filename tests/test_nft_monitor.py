@@ -71,3 +71,21 @@ def test_restore_format_option_and_refusal(topology, bpffs, tmp_path):
     assert f"{path}: nftables[3] rule 1 of chain inet filter input (handle 4), expression 1: " \
            "'fib' expressions are not supported" in r.stderr
     assert "INPUT.4" in bpfilter("save", "-6", *args, bpffs=bpffs).stdout
+
+
+def test_check_reads_nft_json(tmp_path, bpffs):
+    """`bpfilter check` runs an nft ruleset's packets through the compiled program too."""
+    from helpers.packets import build
+    from scapy.layers.inet import UDP
+
+    from bpfilter.cli.pcap import write_pcap
+
+    path = tmp_path / "ruleset.json"
+    path.write_text(ruleset())
+    pcap = tmp_path / "in.pcap"
+    write_pcap(str(pcap), [build(UDP(dport=p), "192.0.2.1", "198.51.100.1")
+                           for p in (7000, 7001, 7002)])
+    r = bpfilter("check", "--json", "--iif", "eth0", "--pcap", str(pcap), str(path),
+                 bpffs=bpffs)
+    got = [(e["verdict"], e["chain"], e["rule"]) for e in map(json.loads, r.stdout.splitlines())]
+    assert got == [("ACCEPT", "INPUT", None), ("DROP", "INPUT.4", 2), ("ACCEPT", "INPUT", None)]

@@ -49,6 +49,10 @@ def parse_file(path: str, family: Family, sets: dict | None = None,
     from ..frontends.iptables.saver import save
 
     text, name = source or _read(path)
+    if text.lstrip().startswith("{"):  # nft -j list ruleset: the family's tables
+        rs = _nft_family(text, name, family)
+        rs.source = os.path.abspath(path) if path != "-" else None
+        return rs, save(rs), text
     try:
         set_text, rule_text = split_combined(text)
         if set_text.strip():
@@ -60,6 +64,20 @@ def parse_file(path: str, family: Family, sets: dict | None = None,
         raise UserError(str(e)) from None
     rs.source = os.path.abspath(path) if path != "-" else None
     return rs, save(rs), text
+
+
+def _nft_family(text: str, name: str, family: Family) -> Ruleset:
+    """The ruleset of one family from nftables JSON (for check and dump)."""
+    from ..frontends.iptables.parser import ParseError
+    from ..frontends.nftables import parse as parse_nft
+
+    try:
+        rulesets = parse_nft(text, filename=name, families=(family,))
+    except ParseError as e:
+        raise UserError(str(e)) from None
+    if family not in rulesets:
+        raise UserError(f"{name}: no table of family {family.value} (ip, ip6 or inet)")
+    return rulesets[family]
 
 
 def _loaded_sets(args: argparse.Namespace, fam: Family) -> dict:
