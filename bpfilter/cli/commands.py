@@ -141,7 +141,8 @@ def _restore_nft(args: argparse.Namespace, source: tuple[str, str]) -> int:
     from ..frontends.nftables import parse as parse_nft
 
     if getattr(args, "sets", None):
-        raise UserError("--sets: named sets are not supported with nftables rulesets")
+        raise UserError("--sets cannot be combined with an nftables ruleset (its sets come "
+                        "from the JSON)")
     only = Family.IPV6 if args.ipv6 else Family.IPV4 if args.ipv4 else None
     try:
         rulesets = parse_nft(source[0], filename=source[1],

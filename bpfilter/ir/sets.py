@@ -117,6 +117,9 @@ class IpSet:
     definition: SetDef
     members: dict[Parts, bool] = field(default_factory=dict)
     origin: Origin | None = field(default=None, compare=False)
+    # True when a restore replaces the members instead of adding them to the loaded ones (an
+    # nftables ruleset states whole sets; an ipset file adds, as `ipset restore -exist`).
+    replace: bool = field(default=False, compare=False)
 
     @property
     def name(self) -> str:

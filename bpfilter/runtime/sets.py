@@ -7,7 +7,8 @@ in place at run time, kept across restores.
 A restore brings the pinned sets to the ruleset's definitions (`SetSync`): a set whose
 definition is unchanged keeps its map, and so the members added at run time (the restore's
 members are added to them, as `ipset restore -exist` does); a new or redefined set gets a new
-map holding the restore's members; a set the ruleset no longer defines is removed once the new
+map holding the restore's members, as does a set flagged `replace` (nftables rulesets: the
+listing states the whole set); a set the ruleset no longer defines is removed once the new
 ruleset is live. `SetStore` reads and changes the pinned sets (`bpfilter set`).
 """
 
@@ -108,7 +109,9 @@ class SetSync:
         try:
             for name, s in self.sets.items():
                 key = set_map_key(s.definition)
-                kept = self._reuse(s.definition)
+                # A replacing set gets a new map, switched to with the programs: the members
+                # added at run time go, and no packet sees a half-filled set.
+                kept = None if s.replace else self._reuse(s.definition)
                 if kept is not None:
                     self.maps[key] = kept
                     self._merge[name] = s

@@ -14,7 +14,11 @@ turns the plan into lines:
   with a terminal verdict: one rule per element (the elements are disjoint, so each packet
   meets at most one; the nft rule's count is their sum). With a non-terminal target on
   elements that may overlap (interface wildcards), or a `limit` to share, the rule jumps to a
-  selector chain whose rules goto the helper: the first element that matches wins.
+  selector chain whose rules goto the helper: the first element that matches wins;
+- a verdict map (`vmap`): one rule per element with the element's verdict (elements never
+  overlap; the catch-all `*` goes last). A `counter` or `limit` before the map puts the elements
+  in a helper chain the rule's matches jump (or goto, for goto/return elements) into, so the
+  nft rule's packets are counted once whichever element they meet.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any
 from ...ir.model import Counters, Family
 from ..iptables.rule import MAX_CHAIN_NAME
 from . import exprs, stmts
+from . import sets as nsets
 from .errors import Unsupported
 from .exprs import Piece
 
@@ -84,6 +89,9 @@ class Line:
         return Line(args, owners, rule, dest=dest)
 
 
+Parts = list[tuple[tuple[str, ...], int]]  # one iptables rule's argument parts
+
+
 @dataclass
 class Plan:
     """What one nft rule does in one family."""
@@ -94,6 +102,9 @@ class Plan:
     targets: list[tuple[tuple[str, ...], int]] = field(default_factory=list)
     verdict: stmts.Verdict | None = None
     counters: Counters | None = None
+    # A verdict map: per element, the rule's alternatives with the element's match, the
+    # element's match alone, and the element's verdict (None: continue).
+    vmap: list[tuple[list[Parts], list[Parts], stmts.Verdict | None]] | None = None
 
 
 def _tag(e: Exception, i: int) -> Exception:
@@ -102,10 +113,13 @@ def _tag(e: Exception, i: int) -> Exception:
 
 
 def plan_rule(rule: NftRule, family: Family, table_family: str,
-              chains: dict[str, str]) -> Plan | None:
-    """The plan of `rule` in `family`; None when the rule only holds for the other family.
-    Raises Unsupported (with `expr_index`) for anything out of scope."""
+              chains: dict[str, str], sets: dict[str, nsets.NftSet] | None = None
+              ) -> Plan | None:
+    """The plan of `rule` in `family`; None when the rule only holds for the other family;
+    `sets` are the named sets of the rule's table. Raises Unsupported (with `expr_index`) for
+    anything out of scope."""
     pieces: list[tuple[Piece, int]] = []
+    vmap: list[tuple[Piece, stmts.Verdict | None, int]] = []
     plan = Plan([], False)
     after_stmt = after_log = done = None
     for i, e in enumerate(rule.expr):
@@ -120,7 +134,12 @@ def plan_rule(rule: NftRule, family: Family, table_family: str,
                     # A statement before a match acts on packets the match then refuses.
                     raise Unsupported(f"a match after the '{after_stmt}' statement is not "
                                       "supported", "match")
-                pieces.append((exprs.match(body, table_family), i))
+                right = body.get("right")
+                if isinstance(right, str) and right.startswith("@"):
+                    pieces.append((nsets.lookup(body.get("op", "=="), body.get("left"), right,
+                                                sets or {}), i))
+                else:
+                    pieces.append((exprs.match(body, table_family), i))
             elif key == "counter":
                 if not isinstance(body, (dict, type(None))):
                     raise Unsupported(f"named counter {body!r} is not supported", str(body))
@@ -138,6 +157,15 @@ def plan_rule(rule: NftRule, family: Family, table_family: str,
             elif key in stmts.VERDICTS:
                 plan.verdict = stmts.verdict(key, body, chains)
                 done = key
+            elif key == "vmap":
+                if plan.targets:
+                    raise Unsupported("a verdict map after log is not supported", key)
+                vmap = [(p, v, i) for p, v in _vmap(body, table_family, chains)]
+                pieces.append((Piece((exprs.Cond(),), vmap[0][0].family), i))
+                done = key
+            elif key in ("set", "map"):
+                raise Unsupported(f"updating a {key} from the packet path ({body.get('op')} "
+                                  f"{body.get(key)}) is not supported", key)
             elif key == "reject":
                 plan.verdict, dep = stmts.reject(body, family, table_family)
                 if dep is not None:
@@ -169,7 +197,60 @@ def plan_rule(rule: NftRule, family: Family, table_family: str,
         return None
     plan.overlap = any(p.overlap for p, _ in pieces)
     plan.alts = _combine(pieces, family)
+    if vmap:
+        plan.vmap = [(_combine([*pieces, (p, i)], family), _combine([(p, i)], family), v)
+                     for p, v, i in vmap]
     return plan
+
+
+def _vmap(body: dict, table_family: str, chains: dict[str, str]
+          ) -> list[tuple[Piece, stmts.Verdict | None]]:
+    """An anonymous verdict map's elements: the key compared with each element's value (as
+    the match `key == value` would be) and the element's verdict."""
+    data = body.get("data")
+    if isinstance(data, str):
+        raise Unsupported(f"named verdict map {data} is not supported (only anonymous ones)",
+                          data)
+    if not isinstance(data, dict) or not isinstance(data.get("set"), list) or not data["set"]:
+        raise Unsupported("a verdict map without elements is not supported", "vmap")
+    out: list[tuple[Piece, stmts.Verdict | None]] = []
+    default: stmts.Verdict | bool | None = False  # the catch-all element's verdict
+    for item in data["set"]:
+        if not isinstance(item, list) or len(item) != 2 or not isinstance(item[1], dict):
+            raise Unsupported(f"verdict map element {item!r} is not supported", str(item))
+        value, verdict = item
+        if isinstance(value, dict) and "elem" in value:
+            raise Unsupported("verdict map elements with options are not supported", "elem")
+        kind, vbody = next(iter(verdict.items()))
+        if kind not in stmts.VERDICTS:
+            raise Unsupported(f"verdict map element verdict {kind!r} is not supported", kind)
+        if value == "*":
+            default = stmts.verdict(kind, vbody, chains)
+            continue
+        piece = exprs.match({"op": "==", "left": body.get("key"), "right": value}, table_family)
+        # nft refuses a map whose keys overlap: each packet meets at most one element.
+        out.append((Piece(piece.alts, piece.family), stmts.verdict(kind, vbody, chains)))
+    if not out:
+        raise Unsupported("a verdict map with only the catch-all element is not supported", "*")
+    fams = {p.family for p, _ in out}
+    if len(fams) > 1:
+        raise Unsupported("a verdict map whose elements imply different families is not "
+                          "supported", "vmap")
+    if default is not False:
+        # `*` takes the packets no other element matched (of the key's protocol): last, and
+        # only after elements that end the rule (a jump would come back and meet it).
+        if any(v is None or v.kind == "jump" for _, v in out):
+            raise Unsupported("a verdict map's catch-all element after jump or continue "
+                              "elements is not supported", "*")
+        first = out[0][0]
+        protos = {(c.proto, c.proto_neg) for c in first.alts}
+        if len(protos) > 1:
+            raise Unsupported("a verdict map's catch-all element on this key is not supported",
+                              "*")
+        proto, neg = protos.pop()
+        out.append((Piece((exprs.Cond((), proto, neg),), first.family),
+                    default if isinstance(default, stmts.Verdict) else None))
+    return out
 
 
 def _combine(pieces: list[tuple[Piece, int]], family: Family
@@ -218,6 +299,8 @@ def emit(plan: Plan, rule: NftRule, chain: str, taken: set[str],
     comment: list[tuple[tuple[str, ...], int]] = []
     if rule.comment:
         comment = [(("-m", "comment", "--comment", rule.comment), -1)]
+    if plan.vmap is not None:
+        return _emit_vmap(plan, rule, chain, taken, helpers, comment)
     kind = plan.verdict.kind if plan.verdict is not None else None
     goto_mode = kind in ("goto", "return")
     targets, stateful = plan.targets, plan.stateful
@@ -274,3 +357,38 @@ def emit(plan: Plan, rule: NftRule, chain: str, taken: set[str],
         counting[0].counters = plan.counters
     return lines
 
+
+def _emit_vmap(plan: Plan, rule: NftRule, chain: str, taken: set[str],
+               helpers: dict[str, list[Line]], comment: Parts) -> list[Line]:
+    """A verdict map: one rule per element with the element's verdict. Elements never overlap,
+    so each packet meets at most one and the order does not matter (the map's is kept). With a
+    `counter` or `limit` before the map, the rule's matches jump to a helper chain holding the
+    elements, so the nft rule's packets (matched by an element or not) are counted once."""
+    assert plan.vmap is not None
+    last = len(rule.expr) - 1
+    verdicts = [v for _, _, v in plan.vmap]
+    if plan.overlap:
+        raise _tag(Unsupported("a verdict map in a rule whose sets may overlap (interface "
+                               "wildcards) is not supported", "vmap"), last)
+    if plan.counters is None and not plan.stateful:
+        out = [[*a, *comment, (v.args, last)] for alts, _, v in plan.vmap if v is not None
+               for a in alts]
+        return [Line.of(p, rule) for p in out]
+    kinds = {v.kind for v in verdicts if v is not None}
+    goto_mode = bool(kinds & {"goto", "return"})
+    if goto_mode and ("jump" in kinds or None in verdicts):
+        # In a helper entered by goto, a jump would come back to the helper's caller's
+        # caller; entered by jump, a goto or return would come back to the nft rule's chain.
+        raise _tag(Unsupported("a counted verdict map mixing goto/return with jump/continue "
+                               "is not supported", "vmap"), last)
+    if plan.stateful and len(plan.alts) > 1:
+        raise _tag(Unsupported("a limit before a verdict map in a rule with a set that needs "
+                               "several rules is not supported", "limit"), last)
+    name = _helper(chain, rule, taken)
+    helpers[name] = [Line.of([*a, (v.args, last)], rule) for _, own, v in plan.vmap
+                     if v is not None for a in own]
+    into = (("-g" if goto_mode else "-j", name), -1)
+    lines = [Line.of([*a, *plan.stateful, *comment, into], rule) for a in plan.alts]
+    if plan.counters is not None:
+        lines[0].counters = plan.counters
+    return lines

@@ -3,6 +3,10 @@
 The whole document is read and translated before anything is returned; anything outside the
 supported subset raises `NftParseError` naming the file, the JSON location and the token.
 
+Named sets become the IR's named sets (ipset types, `sets.py`) of each family that may use them,
+and lookups `@name` the `set` match; one family's tables share one set namespace (a name
+declared by two of them is refused).
+
 Mapping: tables of family `ip` feed the IPv4 ruleset, `ip6` the IPv6 one, `inet` both (a rule
 whose expressions imply one family, such as `ip saddr` or `icmpv6 type`, goes to that family
 only). Base chains become the built-in chains of the iptables table running at their hook
@@ -40,6 +44,7 @@ from ..iptables.parser import parse_rule_args
 from ..iptables.rule import valid_chain_name
 from .errors import NftParseError, Unsupported
 from .plan import Line, NftRule, emit, plan_rule
+from .sets import NftSet, read_set
 
 FAMILIES = {"ip": (Family.IPV4,), "ip6": (Family.IPV6,), "inet": (Family.IPV4, Family.IPV6)}
 # nft base chain hook → the iptables table and built-in chain that runs there.
@@ -48,7 +53,7 @@ HOOKS = {"input": ("filter", "INPUT"), "forward": ("filter", "FORWARD"),
          "postrouting": ("mangle", "POSTROUTING")}
 NF_IP_PRI_CONNTRACK = -200  # a base chain at or before it would see no conntrack state
 OWN_TABLES = "pybpfilter_"
-OBJECTS = ("set", "map", "element", "flowtable", "counter", "quota", "ct helper", "limit",
+OBJECTS = ("map", "element", "flowtable", "counter", "quota", "ct helper", "limit",
            "ct timeout", "ct expectation", "secmark", "synproxy", "tunnel")
 
 
@@ -77,6 +82,9 @@ class _Reader:
         self.file = filename
         self.tables: dict[tuple[str, str], list[NftChain]] = {}
         self.chains: dict[tuple[str, str, str], NftChain] = {}
+        self.sets: dict[tuple[str, str], dict[str, NftSet]] = {}  # (family, table) → sets
+        self.set_where: dict[tuple[str, str, str], str] = {}  # set → its JSON location
+        self.fam_sets: dict[str, Any] = {}  # the sets of the family being translated
 
     def error(self, message: str, location: str, token: str | None = None,
               text: str = "") -> NftParseError:
@@ -113,6 +121,8 @@ class _Reader:
                 self._chain(body, i, where)
             elif key == "rule":
                 self._rule(body, i, where)
+            elif key == "set":
+                self._set(body, where)
             elif key in OBJECTS:
                 name = body.get("name", "") if isinstance(body, dict) else ""
                 raise self.error(f"{key} '{name}': named {key}s are not supported", where, key)
@@ -168,6 +178,39 @@ class _Reader:
         self.chains[(fam, table, name)] = chain
         self.tables[(fam, table)].append(chain)
 
+    def _set(self, body: dict, where: str) -> None:
+        fam, table, name = body.get("family"), body.get("table"), body.get("name")
+        if (fam, table) not in self.tables:
+            raise self.error(f"set {name}: table {fam} {table} is not declared", where,
+                             str(table))
+        sets = self.sets.setdefault((fam, table), {})
+        if name in sets:
+            raise self.error(f"set {name} of table {fam} {table} is declared twice", where,
+                             str(name))
+        try:
+            sets[name] = read_set(body, Origin(self.file, 0, f"set {fam} {table} {name}"))
+            self.set_where[(fam, table, name)] = where
+        except Unsupported as e:
+            text = json.dumps(body, separators=(",", ":"))
+            raise self.error(e.message, f"{where} (set {fam} {table} {name})", e.token,
+                             text[:200]) from None
+
+    def _family_sets(self, family: Family, tables: list) -> dict[str, Any]:
+        """The IR sets of `family`: every named set of its tables that the family can use
+        (an inet table's ipv6_addr set only in IPv6; inet_service sets in both)."""
+        out: dict[str, Any] = {}
+        where: dict[str, tuple[str, str]] = {}
+        for key, _ in tables:
+            for name, s in self.sets.get(key, {}).items():
+                if not s.ipset.definition.fits(family):
+                    continue
+                if name in out:
+                    raise self.error(f"set {name} is declared in table {' '.join(where[name])} "
+                                     f"and table {' '.join(key)}: one {family.value} ruleset "
+                                     "has one set namespace", self.set_where[(*key, name)], name)
+                out[name], where[name] = s.ipset, key
+        return out
+
     def _rule(self, body: dict, index: int, where: str) -> None:
         key = (body.get("family"), body.get("table"), body.get("chain"))
         chain = self.chains.get(key)  # type: ignore[arg-type]
@@ -214,17 +257,19 @@ class _Reader:
         user: dict[str, list[Line]] = {}
         body: dict[str, list[Line]] = {}
         taken = set(owner)
+        self.fam_sets = self._family_sets(family, tables)
         for (tfam, tname), chains in tables:
             regular = {c.name: names[(tfam, tname, c.name)] for c in chains if c.hook is None}
             for c in chains:
                 lines: list[Line] = []
                 for r in c.rules:
                     try:
-                        plan = plan_rule(r, family, tfam, regular)
+                        plan = plan_rule(r, family, tfam, regular,
+                                         self.sets.get((tfam, tname), {}))
+                        if plan is not None:
+                            lines += emit(plan, r, names[(tfam, tname, c.name)], taken, user)
                     except Unsupported as e:
                         raise self._unsupported(r, e) from None
-                    if plan is not None:
-                        lines += emit(plan, r, names[(tfam, tname, c.name)], taken, user)
                 body[names[(tfam, tname, c.name)]] = lines
         for ir, lines in user.items():
             body[ir] = lines
@@ -238,7 +283,7 @@ class _Reader:
 
     def _build(self, family: Family, body: dict[str, list[Line]], ir_table: dict[str, str],
                owner: dict[str, NftChain]) -> Ruleset:
-        rs = Ruleset(family, source=self.file)
+        rs = Ruleset(family, source=self.file, sets=dict(self.fam_sets))
         builtins = {n for v in BUILTIN_CHAINS.values() for n in v}
         # Which IR tables reach each user chain (a chain reached from prerouting and input
         # exists in both mangle and filter).
@@ -297,7 +342,7 @@ class _Reader:
     def _rules(self, ln: Line, family: Family, table: str, chain: str, user: list[str]) -> list:
         try:
             rules = parse_rule_args(list(ln.args), family=family, table=table, chain=chain,
-                                    chains=user, filename=self.file)
+                                    chains=user, filename=self.file, sets=self.fam_sets)
         except ParseError as e:
             col = e.column
             idx = ln.owners[col - 1] if col and 0 < col <= len(ln.owners) else None
