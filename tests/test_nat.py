@@ -403,7 +403,7 @@ def test_filter_and_nat_together(net, router):
 @pytest.mark.parametrize(("hook", "rules", "words"), [
     ("nf", nat("-A PREROUTING -p tcp -j DNAT --to-destination 10.0.0.1"), "needs --hook tc"),
     ("xdp", nat("-A POSTROUTING -j MASQUERADE"), "needs --hook tc"),
-    ("tc", nat("-A INPUT -j SNAT --to-source 10.0.0.1"), "chain INPUT"),
+    ("nf", nat("-A INPUT -j SNAT --to-source 10.0.0.1"), "needs --hook tc"),
 ])
 def test_refusals_name_the_feature(net, bpffs, hook, rules, words):
     args = ["--netns", net.router, "--hook", hook]

@@ -4,18 +4,27 @@ Programs cannot rewrite packets at the netfilter hooks, and rewriting them at tc
 replies untranslated. Instead the binding is made the way nf_nat makes it, only earlier: for the
 first packet of a connection (a TCP SYN or a UDP datagram conntrack has no entry for), tcx
 ingress evaluates the nat table's PREROUTING rules (DNAT, REDIRECT) and, when the route says the
-packet is forwarded, POSTROUTING (SNAT, MASQUERADE), then creates the conntrack entry with
-`bpf_skb_ct_alloc`, records each translation with `bpf_ct_set_nat_info` and inserts it with
-`bpf_ct_insert_entry`. The kernel's nf_nat then translates every packet of the connection, both
-directions, fixing the IPv4 header and TCP/UDP checksums; it runs because a dormant nftables
-table with empty `type nat` chains keeps its hooks registered for both families
+packet is forwarded, POSTROUTING (SNAT, MASQUERADE), or when it is delivered here, INPUT (SNAT),
+then creates the conntrack entry with `bpf_skb_ct_alloc`, records each translation with
+`bpf_ct_set_nat_info` and inserts it with `bpf_ct_insert_entry`. The kernel's nf_nat then
+translates every packet of the connection, both directions, fixing the IPv4 header and TCP/UDP
+checksums (INPUT's SNAT is a MANIP_SRC binding like POSTROUTING's: nf_nat applies it at
+LOCAL_IN for a delivered packet, and undoes it on the replies at LOCAL_OUT); it runs because a
+dormant nftables table with empty `type nat` chains keeps its hooks registered for both families
 (runtime/nat.py). A ruleset replace leaves the bindings, which live in conntrack, untouched.
 IPv4 and IPv6 run the same code; natbind.py holds what differs (address size, the kfuncs'
 tuple part) and the binding itself.
 
-The two chains are two programs: PREROUTING leaves its decision in skb->cb (five words) and
+The chains are three programs: PREROUTING leaves its decision in skb->cb (five words) and
 tail-calls POSTROUTING (slot `nat/POSTROUTING` of the family in the current generation), which
-applies it to the packet struct (the rules and the route see the DNAT view), routes and binds:
+applies it to the packet struct (the rules and the route see the DNAT view), routes and binds.
+As netfilter routes after DNAT, the route is the DNAT destination's: when bpf_fib_lookup does not
+forward it (NOT_FWDED: a local, broadcast or multicast destination, or no route; FWD_DISABLED:
+the input interface does not forward, so the kernel delivers the packet or drops it) and INPUT
+has rules, POSTROUTING tail-calls INPUT (slot `nat/INPUT`), which applies the same decision,
+runs its rules and binds with the same code. INPUT's program is loaded even without rules, as
+POSTROUTING's is: the runtime then never detaches the link the three share when a restore drops
+a chain's rules.
 
     IPv4  cb[0] MAGIC | 1 when PREROUTING chose a destination    cb[1] its address
           cb[2] its ports, low | high << 16 (0: keep the port)    cb[3] MASQUERADE's source
@@ -55,7 +64,10 @@ FIB_IFINDEX, FIB_FLOW, FIB_SRC, FIB_DST = 8, 12, 16, 32
 IPV6_FLOWINFO = le32(bytes.fromhex("0fffffff"))  # traffic class and flow label
 K = L.KEYBUF
 
-NAT_CHAINS = ("PREROUTING", "POSTROUTING")
+NAT_CHAINS = ("PREROUTING", "POSTROUTING", "INPUT")
+FIB_NOT_FWDED, FIB_FWD_DISABLED = 4, 5  # BPF_FIB_LKUP_RET_*
+# The targets each binding chain may run (iptables refuses the others there, xt_nat's hooks).
+SOURCE_TARGETS = {"POSTROUTING": ("SNAT", "MASQUERADE"), "INPUT": ("SNAT",)}
 
 
 @dataclass(frozen=True)
@@ -72,20 +84,20 @@ CB4 = CbLayout(SKB_CB, SKB_CB + 4, SKB_CB + 8, SKB_CB + 12)
 CB6 = CbLayout(None, SKB_CB + 4, SKB_CB, SKB_CB + 4)  # 16-byte addresses: cb has 20 bytes
 
 
+def busy(chain: Chain | None) -> bool:
+    """Whether a chain does anything (rules, or a policy other than ACCEPT)."""
+    return chain is not None and bool(chain.rules or chain.policy not in (None, "ACCEPT"))
+
+
 def check_nat_table(table: Table, family: Family, hook: str) -> None:
     """Refuse, by name, nat rules this implementation cannot run."""
-    busy = [c for c in table.chains.values() if c.rules or c.policy not in (None, "ACCEPT")]
-    if not busy:
+    busy_chains = [c for c in table.chains.values() if busy(c)]
+    if not busy_chains:
         return
     # OUTPUT alone runs on any --hook: its programs attach to sockets (see natoutput.py).
-    if hook != "tc" and any(c.builtin and c.name != "OUTPUT" for c in busy):
+    if hook != "tc" and any(c.builtin and c.name != "OUTPUT" for c in busy_chains):
         raise CompileError(f"table nat needs --hook tc (NAT is bound at tcx ingress; {hook} "
                            "programs cannot set up a connection's translation)")
-    c = table.chains.get("INPUT")
-    if c is not None and (c.rules or c.policy not in (None, "ACCEPT")):
-        raise CompileError("table nat: chain INPUT (SNAT of connections to this host) is not "
-                           "supported: connections are bound at tc ingress, which these never "
-                           "cross", c.origin)
     for c in table.chains.values():
         for n, rule in enumerate(c.rules, 1):
             t = rule.target
@@ -95,8 +107,8 @@ def check_nat_table(table: Table, family: Family, hook: str) -> None:
 
 
 def with_nat_chains(table: Table) -> Table:
-    """The table with both programs' chains present (PREROUTING always tail-calls
-    POSTROUTING, which binds)."""
+    """The table with the three programs' chains present (PREROUTING always tail-calls
+    POSTROUTING, which binds or hands a delivered connection to INPUT)."""
     chains = dict(table.chains)
     for name in NAT_CHAINS:
         if name not in chains:
@@ -108,13 +120,14 @@ def with_nat_chains(table: Table) -> Table:
 class TailCall:
     """Where POSTROUTING's program is: the runtime's generation words and program array
     (map keys), the slots per generation, POSTROUTING's IPv4 slot in one and the distance to
-    the next family's slots (its generation word is the next u32)."""
+    the next family's slots (its generation word is the next u32); INPUT's IPv4 slot."""
 
     gen_map: str
     progs_map: str
     gen_stride: int
     slot: int
     family_stride: int = 0
+    input_slot: int | None = None
 
 
 @dataclass
@@ -126,11 +139,12 @@ class NatFlavour(TcFlavour):
     ifnames: dict[int, str] = field(default_factory=dict)
     local_addr: bytes | None = None
     tail: TailCall | None = None
+    input_rules: bool = False  # INPUT does something: POSTROUTING hands it delivered packets
     nat_chain: str = ""
     _bind: Label | None = field(default=None, init=False, repr=False)
 
     def chains(self, table: str) -> dict[str, HookPoint]:
-        """PREROUTING and POSTROUTING, both at ingress."""
+        """PREROUTING, POSTROUTING and INPUT, all at ingress."""
         if table != "nat":
             return {}
         return {c: HookPoint(c) for c in NAT_CHAINS}
@@ -140,7 +154,8 @@ class NatFlavour(TcFlavour):
         return dataclasses.replace(self, egress=False, nat_chain=hook.chain)
 
     def static_fields(self) -> dict[Field, bytes]:
-        """The input interface is known; POSTROUTING's output interface comes from the route."""
+        """The input interface is known; POSTROUTING's output interface comes from the route
+        (INPUT has none: `-o` never matches there, as in netfilter's user chains)."""
         out = super().static_fields()
         if self.nat_chain == "POSTROUTING":
             out.pop(Field.OIFNAME, None)
@@ -159,14 +174,17 @@ class NatFlavour(TcFlavour):
     # -- prologue ----------------------------------------------------------------------------
 
     def emit_meta(self, a: Assembler, fields: set[Field]) -> None:
-        """Leave at once unless this is a connection's first packet; POSTROUTING also routes."""
+        """Leave at once unless this is a connection's first packet; the chains after
+        PREROUTING apply its decision, and POSTROUTING routes."""
         skip = a.label("nat_skip")
         go = a.label("nat_go")
         if self.nat_chain == "PREROUTING":
             self._emit_candidate(a, skip)
         else:
             self._bind = a.label("nat_bind")
-            self._emit_route(a, skip)
+            self._emit_dnat_view(a, skip)
+            if self.nat_chain == "POSTROUTING":
+                self._emit_route(a)
         a.goto(go)
         a.place(skip)
         a.emit(I.mov64_imm(I.R0, TcAction.NEXT), I.exit_())
@@ -222,9 +240,8 @@ class NatFlavour(TcFlavour):
         a.goto(skip)
         a.place(gone)
 
-    def _emit_route(self, a: Assembler, skip: Label) -> None:
-        """Apply PREROUTING's decision to the packet struct, route it (bpf_fib_lookup with the
-        source the kernel would pick), and fill the output interface's name."""
+    def _emit_dnat_view(self, a: Assembler, skip: Label) -> None:
+        """Apply PREROUTING's decision (skb->cb) to the packet struct's destination."""
         nf, cb = self.nf, self.cb
         plain = a.label("nat_nodnat")
         if cb.flags is not None:
@@ -241,6 +258,11 @@ class NatFlavour(TcFlavour):
         a.jump(JmpOp.JEQ, I.R1, 0, plain)
         a.emit(I.endian(I.R1, 16, big=True), I.stx(I.H, L.R_PKT, I.R1, L.L4 + 2))
         a.place(plain)
+
+    def _emit_route(self, a: Assembler) -> None:
+        """Route the DNAT view (bpf_fib_lookup with the source the kernel would pick): hand a
+        delivered packet to INPUT, else fill the output interface's name."""
+        nf, cb = self.nf, self.cb
         for off in range(0, FIB_SIZE, 8):
             a.emit(I.st(I.DW, L.R_PKT, K + off, 0))
         a.emit(I.st(I.B, L.R_PKT, K, nf.af))
@@ -261,9 +283,20 @@ class NatFlavour(TcFlavour):
         a.emit(I.mov64_imm(I.R3, FIB_SIZE))
         a.emit(I.mov64_imm(I.R4, FIB_LOOKUP_SRC | FIB_LOOKUP_SKIP_NEIGH))
         a.emit(I.call_helper(Helper.fib_lookup))
-        # Delivered here (or not routable): the packet never reaches POSTROUTING.
+        # Delivered here (or dropped by the kernel: no route, blackhole, ...): the packet never
+        # reaches POSTROUTING; a delivered one goes through INPUT.
         a.emit(I.mov64_imm(I.R7, Verdict.ACCEPT))
-        a.jump(JmpOp.JNE, I.R0, 0, self._bind)
+        forwarded = a.label("nat_forwarded")
+        a.jump(JmpOp.JEQ, I.R0, 0, forwarded)
+        if self.input_rules:
+            local = a.label("nat_local")
+            a.jump(JmpOp.JEQ, I.R0, FIB_NOT_FWDED, local)
+            a.jump(JmpOp.JNE, I.R0, FIB_FWD_DISABLED, self._bind)
+            a.place(local)
+            t = self.tail
+            self._emit_tail(a, None if t is None else t.input_slot)
+        a.goto(self._bind)
+        a.place(forwarded)
         # The DNAT address is in the packet struct now: IPv6 reuses its cb words.
         copy_words(a, L.R_PKT, K + FIB_SRC, L.R_CTX, cb.masq, nf.alen)
         a.emit(I.ldx(I.W, I.R1, L.R_PKT, K + FIB_IFINDEX))
@@ -288,8 +321,8 @@ class NatFlavour(TcFlavour):
             return True  # the capability probe
         if self.nat_chain == "PREROUTING":
             self._emit_prerouting(a, targets)
-        else:
-            self._emit_postrouting(a, targets)
+        else:  # POSTROUTING, or INPUT for a connection delivered here: both choose the source
+            self._emit_source(a, targets)
         return True
 
     def _targets(self, a: Assembler, targets: Sequence, emit_one) -> None:
@@ -330,26 +363,35 @@ class NatFlavour(TcFlavour):
                 a.emit(I.st(I.W, L.R_CTX, cb.flags, MAGIC | 1))
 
         self._targets(a, targets, one)
-        # POSTROUTING of the same generation binds; without it the decision cannot stand.
+        self._emit_tail(a, None if self.tail is None else self.tail.slot)
+
+    def _emit_tail(self, a: Assembler, slot: int | None) -> None:
+        """Tail-call the next chain's program (`slot`: its IPv4 slot) of the current
+        generation; it binds, so without it the decision cannot stand: drop."""
         t = self.tail
-        if t is None:
-            raise CompileError("table nat: no program slot to reach POSTROUTING through")
+        if t is None or slot is None:
+            raise CompileError(f"table nat: no program slot to reach the chain after "
+                               f"{self.nat_chain} through")
         fi = 0 if self.family is Family.IPV4 else 1
         a.ld_map_value(I.R1, t.gen_map, 0)
         a.emit(I.ldx(I.W, I.R3, I.R1, 4 * fi), I.alu64(AluOp.AND, I.R3, 1, reg=False))
         a.emit(I.alu64(AluOp.MUL, I.R3, t.gen_stride, reg=False))
-        a.emit(I.alu64(AluOp.ADD, I.R3, t.slot + fi * t.family_stride, reg=False))
+        a.emit(I.alu64(AluOp.ADD, I.R3, slot + fi * t.family_stride, reg=False))
         a.emit(I.mov64(I.R1, L.R_CTX))
         a.ld_map(I.R2, t.progs_map)
         a.emit(I.call_helper(Helper.tail_call))
         a.emit(I.mov64_imm(I.R0, TcAction.SHOT), I.exit_())
 
-    def _emit_postrouting(self, a: Assembler, targets: Sequence) -> None:
+    def _emit_source(self, a: Assembler, targets: Sequence) -> None:
         nf, cb = self.nf, self.cb
         a.place(self._bind)
         NB.clear(a, nf)
+        allowed = SOURCE_TARGETS[self.nat_chain]
 
         def one(kind: str, p: Nat) -> None:
+            if kind not in allowed:  # iptables refuses these; IR from elsewhere might not
+                raise CompileError(f"table nat: {kind} is not valid in chain {self.nat_chain} "
+                                   f"(only {', '.join(allowed)})")
             r = p.range
             if kind == "MASQUERADE":
                 copy_words(a, L.R_CTX, cb.masq, L.R_PKT, nf.new_src, nf.alen)
@@ -385,5 +427,5 @@ def compile_nat(table: Table, family: Family, hook: str, iface: str | None,
         return natoutput.compile_output(table, family)
     ifnames, local = env if env is not None else ({}, None)
     fl = NatFlavour(family, ifname=iface or "", mac=mac, ifnames=dict(ifnames), local_addr=local,
-                    tail=tail)
+                    tail=tail, input_rules=busy(table.chains.get("INPUT")))
     return natoutput.compile_tc(with_nat_chains(table), fl, compile_table)

@@ -26,8 +26,10 @@ TABLE_CHAINS: tuple[tuple[str, str], ...] = (
     ("mangle", "PREROUTING"), ("mangle", "INPUT"), ("mangle", "FORWARD"), ("mangle", "OUTPUT"),
     ("mangle", "POSTROUTING"), ("raw", "PREROUTING"), ("raw", "OUTPUT"),
     ("security", "INPUT"), ("security", "FORWARD"), ("security", "OUTPUT"),
-    # tc only: the nat table's programs at ingress (PREROUTING tail-calls POSTROUTING).
-    ("nat", "PREROUTING"), ("nat", "POSTROUTING"),
+    # tc only: the nat table's programs at ingress (PREROUTING tail-calls POSTROUTING, which
+    # tail-calls INPUT for a connection delivered here; INPUT last: earlier slots keep their
+    # numbers).
+    ("nat", "PREROUTING"), ("nat", "POSTROUTING"), ("nat", "INPUT"),
 )
 
 ETH_P_IP, ETH_P_IPV6 = 0x0800, 0x86DD

@@ -189,6 +189,8 @@ def used_elsewhere(hook_dir: str) -> bool:
 
 
 def tail_call() -> TailCall:
-    """Where the nat PREROUTING program finds POSTROUTING's (see dispatch)."""
+    """Where the nat PREROUTING program finds POSTROUTING's, and POSTROUTING INPUT's (see
+    dispatch)."""
     return TailCall(D.GEN_MAP, D.PROGS_MAP, D.GEN_STRIDE,
-                    D.slot_id(Family.IPV4, "nat", "POSTROUTING"), D.FAMILY_STRIDE)
+                    D.slot_id(Family.IPV4, "nat", "POSTROUTING"), D.FAMILY_STRIDE,
+                    D.slot_id(Family.IPV4, "nat", "INPUT"))
