@@ -36,7 +36,6 @@ from ..bpf.maps import MapSpec
 from ..ir.model import Family, Table
 from ..ir.pred import AllOf, AnyOf, Field, Not, Pred
 from ..ir.state import Connlimit, HashLimit, HashLimitCfg, Recent
-from ..matches.conntrack import CONNLIMIT_SPARE, MAX_CONNLIMIT
 from ..matches.registry import Context, MatchError
 from ..matches.statelower import lower_hashlimit, lower_recent
 from . import layout as L
@@ -99,7 +98,6 @@ class StateTables:
     recent_ttl: set[str] = field(default_factory=set)
     recent_hooks: dict[str, set[str]] = field(default_factory=dict)  # built-in chains reaching
     connlimit: dict[tuple[str, int], str] = field(default_factory=dict)  # (chain, n): list name
-    connlimit_slots: int = 0  # connections a group remembers, summed over the table's rules
 
     @classmethod
     def scan(cls, table: Table, family: Family) -> StateTables:
@@ -121,9 +119,6 @@ class StateTables:
                     seen[first] = seen.get(first, -1) + 1
                     out.connlimit[(chain.name, n)] = rule_name(table.name, chain.name, rule,
                                                                seen[first])
-                    params = rule.match("connlimit").params  # type: ignore[union-attr]
-                    if params.limit <= MAX_CONNLIMIT:  # larger ones are refused on their own
-                        out.connlimit_slots += params.limit + 1 + CONNLIMIT_SPARE
                 for m in rule.matches:
                     if m.kind not in ("hashlimit", "recent"):
                         continue
@@ -151,15 +146,8 @@ class StateTables:
         """`pred` (of rule `rule`: chain, number) with its state matches completed by their
         tables' configuration."""
         if isinstance(pred, Connlimit):
-            from .connlimit import MAX_TABLE_SLOTS
-
             if rule not in self.connlimit:
                 raise StateError("connlimit outside the rules of its table")
-            if self.connlimit_slots > MAX_TABLE_SLOTS:
-                raise StateError(
-                    f"connlimit: the table's rules remember {self.connlimit_slots} connections "
-                    f"per group together (limit + {1 + CONNLIMIT_SPARE} each), more than the "
-                    f"{MAX_TABLE_SLOTS} the verifier's budget for a program allows")
             return replace(pred, rule=self.connlimit[rule])
         if isinstance(pred, HashLimit):
             cfg = self.hashlimit.get(pred.name, pred.cfg)

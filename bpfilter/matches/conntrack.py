@@ -316,9 +316,9 @@ def _save_connlimit(p: ConnlimitMatch, ctx: Context) -> list[str]:
 
 
 # The largest limit compiled: a group remembers limit + 1 + CONNLIMIT_SPARE connections, each
-# checked alive by unrolled code whenever the rule is evaluated (see compiler/connlimit.py,
-# which also bounds the sum over a table's rules: MAX_TABLE_SLOTS).
-MAX_CONNLIMIT = 123
+# checked alive whenever the rule is evaluated (a loop whose verifier cost does not grow with
+# it, see compiler/connlimit.py); at this one a rule's maps hold four full groups.
+MAX_CONNLIMIT = 65535
 CONNLIMIT_SPARE = 4
 TCP, UDP = 6, 17
 
@@ -330,7 +330,8 @@ def _lower_connlimit(p: ConnlimitMatch, ctx: Context) -> Pred:
                           " (conntrack has not seen the packet yet: its connection is unknown)")
     if p.limit > MAX_CONNLIMIT:
         raise Unsupported(f"connlimit above {MAX_CONNLIMIT} connections",
-                          " (each remembered connection is checked by unrolled code)")
+                          " (a group remembers that many connections, each checked at every "
+                          "evaluation, in maps of bounded size)")
     hook = ctx.hook or "nf"
     if hook in ("tc", "xdp"):
         if ctx.proto not in (TCP, UDP):

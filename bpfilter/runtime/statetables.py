@@ -6,8 +6,8 @@ mangle, ...) sees the same one. Here the map of a table is pinned under its name
 the next restore when its shape (key, value, size) is unchanged; a table no rule names any
 more is unpinned after the switch. (The kernel also keeps the old configuration of a hashlimit
 table a restore changes; here the new one applies to the kept buckets.) connlimit's per-rule
-lists are kept the same way, under a name made of the rule (compiler/connlimit.py): the kernel
-starts them afresh at every restore.
+groups and remembered connections (two maps) are kept the same way, under a name made of the
+rule (compiler/connlimit.py): the kernel starts them afresh at every restore.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class StateSync:
         for ct in compiled:
             for k, spec in ct.maps.items():
                 if isinstance(k, tuple) and len(k) == 3 and k[0] == "state" and k[1] in (
-                        "hashlimit", "recent", "connlimit"):
+                        "hashlimit", "recent", "connlimit", "connlist"):
                     # A name two tables configure differently stays a map per table.
                     specs[k] = spec if specs.get(k, spec) == spec else None
         try:
