@@ -28,6 +28,7 @@ from helpers.kernel import require_kernel
 from helpers.packets import build
 from helpers.topology import Topology, ip_batch
 from scapy.layers.inet import UDP
+from test_addrtype_owner_rt import _counts
 from test_cli import bpfilter
 
 from bpfilter import netns
@@ -105,18 +106,6 @@ def _texts(fam: Family, hook: str, ifname: str) -> tuple[str, str]:
     else:  # tc ingress / XDP: before the stack, like PREROUTING
         ours = _table("filter", {"INPUT": _rules(fam, "INPUT", ifname)})
     return legacy, ours
-
-
-def _counts(text: str) -> list[tuple[str, str, int]]:
-    """(table, chain, packets) per rule of an iptables-save -c text, in order."""
-    out, table = [], ""
-    for line in text.splitlines():
-        if line.startswith("*"):
-            table = line[1:]
-        m = re.match(r"\[(\d+):\d+\] -A (\S+)", line)
-        if m:
-            out.append((table, m.group(2), int(m.group(1))))
-    return out
 
 
 def _legacy_save(fam: Family) -> str:

@@ -345,14 +345,7 @@ def _check_lookup(a: Assembler, family: Family, p: Connlimit, dead: Label, *,
     a.emit(I.mov64(I.R7, I.R0))
     if not own:
         kept = a.label("cl_kept")
-        a.emit(I.ldx(I.B, I.R1, I.R8, S_PROTO))
-        a.jump(JmpOp.JNE, I.R1, TCP, kept)
-        ctread.probe(a, STATUS, 1, btf.member_offset("nf_conn", "proto.tcp.state").offset)
-        a.emit(I.ldx(I.B, I.R1, R_PKT, STATUS))
-        a.jump(JmpOp.JLT, I.R1, TCP_TIME_WAIT, kept)
-        a.jump(JmpOp.JGT, I.R1, TCP_CLOSE, kept)
-        a.emit(I.mov64(I.R1, I.R7), I.call_kfunc(release))
-        a.goto(dead)  # already_closed()
+        _closed_tcp(a, kept, dead, release)
         a.place(kept)
     a.emit(I.mov64(I.R1, I.R7), I.call_kfunc(release))
     a.goto(alive)
@@ -405,13 +398,7 @@ def _check_nf(a: Assembler, family: Family, p: Connlimit, dead: Label, *,
     if own:
         a.goto(alive)
     else:
-        a.emit(I.ldx(I.B, I.R1, I.R8, S_PROTO))
-        a.jump(JmpOp.JNE, I.R1, TCP, alive)
-        ctread.probe(a, STATUS, 1, btf.member_offset("nf_conn", "proto.tcp.state").offset)
-        a.emit(I.ldx(I.B, I.R1, R_PKT, STATUS))
-        a.jump(JmpOp.JLT, I.R1, TCP_TIME_WAIT, alive)
-        a.jump(JmpOp.JGT, I.R1, TCP_CLOSE, alive)
-        a.goto(dead)  # already_closed()
+        _closed_tcp(a, alive, dead)
     a.place(missing)
     _not_found(a, alive, dead)
     a.place(alive)
@@ -452,3 +439,17 @@ def _remember(a: Assembler, p: Connlimit, skey: Hashable) -> None:
     a.emit(I.mov64_imm(I.R4, BPF_ANY), I.call_helper(Helper.map_update_elem))
     a.emit(I.ldx(I.W, I.R1, R_PKT, KEPT), I.alu64(AluOp.ADD, I.R1, 1, reg=False),
            I.stx(I.W, I.R8, I.R1, G_N))
+
+
+def _closed_tcp(a: Assembler, alive: Label, dead: Label, release: int | None = None) -> None:
+    """nf_conncount's already_closed(): a remembered TCP connection (r8: its slot, the entry
+    probed through r7) in TIME_WAIT or CLOSE is gone; `release` drops a kfunc's reference."""
+    a.emit(I.ldx(I.B, I.R1, I.R8, S_PROTO))
+    a.jump(JmpOp.JNE, I.R1, TCP, alive)
+    ctread.probe(a, STATUS, 1, vmlinux().member_offset("nf_conn", "proto.tcp.state").offset)
+    a.emit(I.ldx(I.B, I.R1, R_PKT, STATUS))
+    a.jump(JmpOp.JLT, I.R1, TCP_TIME_WAIT, alive)
+    a.jump(JmpOp.JGT, I.R1, TCP_CLOSE, alive)
+    if release is not None:
+        a.emit(I.mov64(I.R1, I.R7), I.call_kfunc(release))
+    a.goto(dead)

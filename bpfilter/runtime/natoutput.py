@@ -53,17 +53,20 @@ def netns_cookie(netns_name: str | None) -> int:
         return struct.unpack("<Q", s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))[0]
 
 
-def default_cgroup() -> str:
-    """$BPFILTER_CGROUP, else the root of the cgroup v2 hierarchy: /sys/fs/cgroup, or where
-    cgroup2 is mounted."""
-    if os.environ.get("BPFILTER_CGROUP"):
-        return os.environ["BPFILTER_CGROUP"]
+def cgroup2_mount() -> str | None:
+    """Where the cgroup v2 hierarchy is mounted, or None."""
     with open("/proc/self/mounts") as f:
         for line in f:
             parts = line.split()
             if len(parts) > 2 and parts[2] == "cgroup2":
                 return parts[1]
-    return DEFAULT_CGROUP
+    return None
+
+
+def default_cgroup() -> str:
+    """$BPFILTER_CGROUP, else the root of the cgroup v2 hierarchy: where cgroup2 is mounted,
+    else /sys/fs/cgroup."""
+    return os.environ.get("BPFILTER_CGROUP") or cgroup2_mount() or DEFAULT_CGROUP
 
 
 def wanted(compiled: list[CompiledTable]) -> bool:

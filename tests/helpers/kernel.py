@@ -11,6 +11,7 @@ import pytest
 from bpfilter.bpf import insn as I
 from bpfilter.bpf.consts import ProgType
 from bpfilter.bpf.prog import Prog
+from bpfilter.runtime import natoutput
 
 
 @cache
@@ -36,9 +37,4 @@ def require_kernel() -> None:
 
 def cgroup2_mount() -> str | None:
     """Where the cgroup v2 hierarchy is mounted (here /sys/fs/cgroup/unified), or None."""
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) > 2 and fields[2] == "cgroup2":
-                return fields[1]
-    return None
+    return natoutput.cgroup2_mount()
