@@ -37,6 +37,7 @@ from ..ir.pred import (
     TcpOption,
     TransportHeader,
 )
+from . import gcra
 from . import layout as L
 from .connlimit import emit_connlimit
 from .layout import R_PKT
@@ -297,17 +298,8 @@ class PredGen:
         a.ld_map_value(I.R2, LIMITS_MAP, off)
         a.emit(I.ldx(I.DW, I.R0, I.R2, 0))
         for _ in range(LIMIT_RETRIES):
-            later = a.label("limit_later")
-            a.emit(I.ld_imm64(I.R4, tau), I.alu64(AluOp.ADD, I.R4, I.R3, reg=True))
-            a.jump(JmpOp.JGT, I.R0, I.R4, fail, reg=True)  # no token left
-            a.emit(I.mov64(I.R5, I.R3))
-            a.jump(JmpOp.JGE, I.R3, I.R0, later, reg=True)
-            a.emit(I.mov64(I.R5, I.R0))
-            a.place(later)
-            a.emit(I.ld_imm64(I.R4, r.interval_ns), I.alu64(AluOp.ADD, I.R5, I.R4, reg=True))
-            a.emit(I.mov64(I.R1, I.R0))
-            a.emit(I.atomic(I.DW, I.Atomic.CMPXCHG, I.R2, I.R5, 0))
-            a.jump(JmpOp.JEQ, I.R0, I.R1, ok, reg=True)
+            a.emit(I.mov64(I.R1, I.R0))  # what the swap expects
+            gcra.emit_try(a, tau, r.interval_ns, fail, ok)
         a.goto(fail)  # lost the race too often: count it as over the limit
         a.place(ok)
 

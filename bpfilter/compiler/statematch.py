@@ -38,6 +38,7 @@ from ..ir.pred import AllOf, AnyOf, Field, Not, Pred
 from ..ir.state import Connlimit, HashLimit, HashLimitCfg, Recent
 from ..matches.registry import Context, MatchError
 from ..matches.statelower import lower_hashlimit, lower_recent
+from . import gcra
 from . import layout as L
 from .layout import R_PKT
 
@@ -330,22 +331,13 @@ def _gcra(a: Assembler, cfg: HashLimitCfg, conform: Label, over: Label) -> None:
     a.place(fresh)
     a.emit(I.ldx(I.DW, I.R0, I.R2, 0))
     for _ in range(CAS_RETRIES):
-        later, as_is = a.label("hl_later"), a.label("hl_asis")
+        as_is = a.label("hl_asis")
         a.emit(I.mov64(I.R1, I.R0))  # what the swap expects
         a.jump(JmpOp.JEQ, I.R4, 0, as_is)
         a.jump(JmpOp.JLE, I.R0, I.R3, as_is, reg=True)
         a.emit(I.mov64(I.R0, I.R3))
         a.place(as_is)
-        a.emit(I.ld_imm64(I.R5, tau), I.alu64(AluOp.ADD, I.R5, I.R3, reg=True))
-        a.jump(JmpOp.JGT, I.R0, I.R5, over, reg=True)  # no credit left
-        a.emit(I.mov64(I.R5, I.R3))
-        a.jump(JmpOp.JGE, I.R3, I.R0, later, reg=True)
-        a.emit(I.mov64(I.R5, I.R0))
-        a.place(later)
-        a.emit(I.ld_imm64(I.R0, interval), I.alu64(AluOp.ADD, I.R5, I.R0, reg=True))
-        a.emit(I.mov64(I.R0, I.R1))
-        a.emit(I.atomic(I.DW, I.Atomic.CMPXCHG, I.R2, I.R5, 0))
-        a.jump(JmpOp.JEQ, I.R0, I.R1, conform, reg=True)
+        gcra.emit_try(a, tau, interval, over, conform)
     a.goto(over)  # lost the race too often: count it as over the limit
 
 
